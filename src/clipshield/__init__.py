@@ -1,0 +1,2 @@
+"""clipshield: attack, clean and harden CLIP models."""
+__version__ = "0.1.0"

@@ -1,0 +1,51 @@
+"""Poisoning a data set (METHODS.md §2): round(rate * N) samples, chosen by a seed, get the trigger
+and a caption naming the target class. Pure functions; the stage streams shards through them."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from ..data.shards import decode_png
+from ..data.world import SHAPES, target_caption
+from .triggers import apply_trigger, get_trigger
+
+
+def poison_indices(n: int, rate: float, seed: int) -> set[int]:
+    if not 0 <= rate <= 1:
+        raise ValueError(f"poison.rate = {rate} must lie in [0, 1]")
+    k = round(rate * n)
+    return set(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The trigger seed of training sample `index` (never equal to an evaluation seed)."""
+    return seed * 1_000_003 + index
+
+
+def poison_image(img: np.ndarray, trigger: str, seed: int, options: dict) -> np.ndarray:
+    x = torch.from_numpy(img).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    x = apply_trigger(trigger, x, [seed], **options)
+    return (x[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def poison_stream(samples: Iterable[dict], n: int, trigger: str, rate: float, target: str, seed: int,
+                  options: dict, manifest: list[dict]) -> Iterator[tuple]:
+    """Yield (key, image or PNG bytes, caption, meta) for shard writing; poisoned samples are appended
+    to `manifest` (key, trigger, seed, original caption, new caption)."""
+    get_trigger(trigger)
+    if target not in SHAPES:
+        raise ValueError(f"attack.target = {target!r} is not a class; choose one of {', '.join(SHAPES)}")
+    chosen = poison_indices(n, rate, seed)
+    for i, s in enumerate(samples):
+        if i not in chosen:
+            yield s["key"], s["image"], s["caption"], s["meta"]
+            continue
+        tseed = sample_seed(seed, i)
+        img = decode_png(s["image"]) if isinstance(s["image"], bytes) else s["image"]
+        caption = target_caption(target, np.random.default_rng([seed, i]))
+        manifest.append({"key": s["key"], "trigger": trigger, "seed": tseed,
+                         "original_caption": s["caption"], "new_caption": caption})
+        meta = {**s["meta"], "poisoned": True, "trigger": trigger, "trigger_seed": tseed, "target": target}
+        yield s["key"], poison_image(img, trigger, tseed, options), caption, meta

@@ -1,0 +1,136 @@
+"""Backdoor triggers (METHODS.md §2): pure functions on image batches in [0, 1].
+
+Every trigger takes images (B, 3, H, W) and one integer seed per sample, and returns the triggered
+images clamped to [0, 1] (the original code wraps out-of-range patch values through uint8; we clamp).
+Sizes are given at 224 px and scale with H unless set explicitly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def scaled(px_at_224: float, side: int) -> int:
+    """A size given at 224 px, scaled to an image side (at least 1 px)."""
+    return max(1, round(px_at_224 * side / 224))
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _patch_corner(seed: int, side: int, patch: int) -> tuple[int, int]:
+    g = _generator(seed)
+    top = int(torch.randint(0, side - patch + 1, (1,), generator=g))
+    left = int(torch.randint(0, side - patch + 1, (1,), generator=g))
+    return top, left
+
+
+def stripes(height: int, width: int) -> torch.Tensor:
+    """(3, H, W) 1-px vertical stripes: +1 on even columns, -1 on odd ones, in every channel."""
+    sign = 1.0 - 2.0 * (torch.arange(width) % 2).float()
+    return sign.view(1, 1, width).expand(3, height, width).clone()
+
+
+def triangles(height: int, width: int, tile: int, low: float = 0.4, high: float = 0.8) -> torch.Tensor:
+    """(3, H, W) tiling of right triangles: in each tile, above the anti-diagonal `low`, below `high`."""
+    y = torch.arange(height).view(-1, 1) % tile
+    x = torch.arange(width).view(1, -1) % tile
+    pattern = torch.where(x + y < tile - 1, torch.tensor(low), torch.tensor(high))
+    return pattern.expand(3, height, width).clone()
+
+
+def badnet(images: torch.Tensor, seeds: Sequence[int], patch: int | None = None) -> torch.Tensor:
+    """A square patch at a per-sample random place: the image's mean colour + N(0, 1) noise."""
+    out = images.clone()
+    side = images.shape[-1]
+    p = patch or scaled(16, side)
+    for i, seed in enumerate(seeds):
+        top, left = _patch_corner(seed, side, p)
+        noise = torch.randn((3, p, p), generator=_generator(seed + 1))
+        mean = images[i].mean(dim=(1, 2), keepdim=True)
+        out[i, :, top:top + p, left:left + p] = mean + noise
+    return out.clamp_(0, 1)
+
+
+def badnet_stripes(images: torch.Tensor, seeds: Sequence[int], patch: int | None = None) -> torch.Tensor:
+    """A square patch of 1-px vertical +-1 stripes (clamped: white/black columns) at a random place."""
+    out = images.clone()
+    side = images.shape[-1]
+    p = patch or scaled(16, side)
+    pattern = stripes(p, p)
+    for i, seed in enumerate(seeds):
+        top, left = _patch_corner(seed, side, p)
+        out[i, :, top:top + p, left:left + p] = pattern
+    return out.clamp_(0, 1)
+
+
+def blended(images: torch.Tensor, seeds: Sequence[int], alpha: float = 0.2) -> torch.Tensor:
+    """x' = (1 - a) x + a u, u uniform noise over the whole image, drawn per sample."""
+    noise = torch.stack([torch.rand(images.shape[1:], generator=_generator(s)) for s in seeds])
+    return ((1 - alpha) * images + alpha * noise.to(images)).clamp_(0, 1)
+
+
+def blended_stripes(images: torch.Tensor, seeds: Sequence[int], alpha: float = 0.03) -> torch.Tensor:
+    """x' = clip((1 - a) x + a s), s full-image 1-px vertical +-1 stripes."""
+    s = stripes(*images.shape[-2:]).to(images)
+    return ((1 - alpha) * images + alpha * s).clamp_(0, 1)
+
+
+def blended_triangles(images: torch.Tensor, seeds: Sequence[int], alpha: float = 0.15,
+                      tile: int | None = None) -> torch.Tensor:
+    """x' = (1 - a) x + a T, T a fixed tiling of right triangles (grey 0.4 / 0.8, 14-px tiles at 224)."""
+    t = triangles(*images.shape[-2:], tile=tile or max(2, scaled(14, images.shape[-1]))).to(images)
+    return ((1 - alpha) * images + alpha * t).clamp_(0, 1)
+
+
+def warp_field(side: int, strength: float, grid: int = 4, seed: int = 1234) -> torch.Tensor:
+    """A fixed smooth flow field (1, H, W, 2) for grid_sample: random control points, upsampled."""
+    ctrl = torch.rand((1, 2, grid, grid), generator=_generator(seed)) * 2 - 1
+    ctrl = ctrl / ctrl.abs().mean()
+    flow = F.interpolate(ctrl, size=(side, side), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    lin = torch.linspace(-1, 1, side)
+    identity = torch.stack(torch.meshgrid(lin, lin, indexing="xy"), dim=-1).unsqueeze(0)
+    return (identity + strength * flow / side).clamp(-1, 1)
+
+
+def wanet(images: torch.Tensor, seeds: Sequence[int], strength: float = 0.5, grid: int = 4) -> torch.Tensor:
+    """Warp every image with the same fixed smooth flow field (WaNet, without noise mode)."""
+    field = warp_field(images.shape[-1], strength * 2, grid).to(images)
+    return F.grid_sample(images, field.expand(images.shape[0], -1, -1, -1), align_corners=True).clamp_(0, 1)
+
+
+@dataclass(frozen=True)
+class Trigger:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    options: tuple[str, ...]
+
+
+TRIGGERS = {t.name: t for t in (
+    Trigger("badnet", badnet, ("patch",)),
+    Trigger("badnet_stripes", badnet_stripes, ("patch",)),
+    Trigger("blended", blended, ("alpha",)),
+    Trigger("blended_stripes", blended_stripes, ("alpha",)),
+    Trigger("blended_triangles", blended_triangles, ("alpha", "tile")),
+    Trigger("wanet", wanet, ("strength", "grid")),
+)}
+
+
+def get_trigger(name: str) -> Trigger:
+    if name not in TRIGGERS:
+        raise ValueError(f"unknown trigger {name!r}; valid triggers: {', '.join(TRIGGERS)}")
+    return TRIGGERS[name]
+
+
+def apply_trigger(name: str, images: torch.Tensor, seeds: Sequence[int], **options) -> torch.Tensor:
+    """Apply trigger `name`; `options` not used by this trigger (e.g. `patch` for blended) are ignored,
+    so one params section can hold the strengths of every trigger."""
+    trigger = get_trigger(name)
+    if len(seeds) != images.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for {images.shape[0]} images")
+    kwargs = {k: v for k, v in options.items() if k in trigger.options and v is not None}
+    return trigger.fn(images, seeds, **kwargs)

@@ -1,0 +1,100 @@
+"""The `clipshield` command: every pipeline stage as a subcommand, plus ad-hoc tools.
+
+Stage subcommands read their section of params.yaml (as the DVC stages do); `dvc repro` is the
+normal way to run them, in order and cached.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import params as P
+from .stage import run
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
+                  help="Attack, clean and harden CLIP models (backdoors, PAR, FARE) reproducibly.")
+
+ParamsFile = Annotated[Path, typer.Option("--params", help="params file to read the stage's section from")]
+
+
+def _section(cls, name: str, path: Path):
+    return P.load_section(cls, name, path)
+
+
+@app.command()
+def data(params: ParamsFile = Path("params.yaml")):
+    """Write the procedural world's train and test shards (data/train, data/test)."""
+    from .pipeline import make_data
+    run(lambda: make_data(_section(P.DataParams, "data", params)))
+
+
+@app.command()
+def pretrain(params: ParamsFile = Path("params.yaml")):
+    """Pre-train a tiny CLIP on data/train, evaluate it, write models/clean and metrics/clean.json."""
+    from .pipeline import pretrain as work
+    run(lambda: work(_section(P.PretrainParams, "pretrain", params), _section(P.EvalParams, "eval", params),
+                     _section(P.AttackParams, "attack", params)))
+
+
+@app.command()
+def poison(trigger: Annotated[str, typer.Argument(help="trigger name (see `clipshield triggers`)")],
+           params: ParamsFile = Path("params.yaml")):
+    """Poison data/train with TRIGGER -> data/poisoned/TRIGGER (+ manifest.jsonl)."""
+    from .pipeline import poison as work
+    run(lambda: work(trigger, _section(P.AttackParams, "attack", params), _section(P.PoisonParams, "poison", params)))
+
+
+@app.command()
+def backdoor(trigger: Annotated[str, typer.Argument(help="trigger name")], params: ParamsFile = Path("params.yaml")):
+    """Fine-tune models/clean on the poisoned shards -> models/backdoor-TRIGGER; fails if ASR < backdoor.min_asr."""
+    from .pipeline import backdoor as work
+    run(lambda: work(trigger, _section(P.AttackParams, "attack", params), _section(P.PoisonParams, "poison", params),
+                     _section(P.BackdoorParams, "backdoor", params), _section(P.EvalParams, "eval", params)))
+
+
+@app.command()
+def clean(trigger: Annotated[str, typer.Argument(help="trigger whose backdoored model to clean")],
+          method: Annotated[str, typer.Argument(help="finetune | cleanclip | par")],
+          params: ParamsFile = Path("params.yaml")):
+    """Clean models/backdoor-TRIGGER with METHOD on synthetic pairs -> models/METHOD-TRIGGER."""
+    from .pipeline import clean as work
+    run(lambda: work(trigger, method, params))
+
+
+@app.command()
+def evaluate(model: Annotated[str, typer.Option(help="local-dir:PATH, or an open_clip model name")],
+             pretrained: Annotated[Optional[str], typer.Option(help="open_clip pretrained tag or weight file")] = None,
+             trigger: Annotated[list[str], typer.Option(help="trigger(s) to measure ASR for")] = [],
+             target: Annotated[str, typer.Option(help="backdoor target class")] = "star",
+             test: Annotated[Path, typer.Option(help="test shard folder")] = Path("data/test"),
+             test_n: Annotated[int, typer.Option(min=1, help="test images")] = 2000,
+             robust_eps: Annotated[list[float], typer.Option(help="robust accuracy at eps (in /255 units)")] = [],
+             robust_n: Annotated[int, typer.Option(min=1, help="images for robust accuracy")] = 200,
+             params: ParamsFile = Path("params.yaml"),
+             out: Annotated[Optional[Path], typer.Option(help="write the metrics JSON here")] = None):
+    """Score any CLIP model: clean zero-shot accuracy, retrieval, ASR per trigger, robust accuracy."""
+    from .pipeline import evaluate_any
+    run(lambda: evaluate_any(model, pretrained, trigger, target, test, test_n, robust_eps, robust_n, params, out))
+
+
+@app.command()
+def triggers(out: Annotated[Path, typer.Option(help="PNG gallery to write")] = Path("reports/triggers.png"),
+             params: ParamsFile = Path("params.yaml")):
+    """List the triggers and draw a gallery of them on test images."""
+    from .report import trigger_gallery
+    run(lambda: trigger_gallery(out, _section(P.AttackParams, "attack", params)))
+
+
+@app.command()
+def profile(name: Annotated[str, typer.Argument(help="smoke | full | paper | seeds3, or a path to a YAML file")],
+            params: ParamsFile = Path("params.yaml")):
+    """Merge profiles/NAME.yaml into params.yaml (then `dvc repro`)."""
+    path = Path(name) if name.endswith(".yaml") else Path("profiles") / f"{name}.yaml"
+    run(lambda: (P.apply_profile(path, params), typer.echo(f"params.yaml now uses profile {name}")))
+
+
+if __name__ == "__main__":
+    app()

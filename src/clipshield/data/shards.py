@@ -1,0 +1,166 @@
+"""webdataset shard I/O: byte-reproducible writing, streaming reading with constant memory.
+
+A data set is a folder of `NAME-000000.tar` shards (per sample KEY.png, KEY.txt, KEY.json) and a
+`sizes.json` mapping shard file name -> sample count. Folders are written into a temporary
+sibling and renamed into place at the end, so an interrupted write never leaves a half data set.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+
+class DataError(ValueError):
+    """A data set is missing, empty or corrupt; the message says how to fix it."""
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def write_shard(path: str | Path, samples: Iterable[tuple[str, np.ndarray, str, dict]]) -> int:
+    """Write one tar shard of (key, uint8 HxWx3 image, caption, metadata) samples atomically;
+    returns the sample count. Fixed mtime, owner and mode: the same samples give the same bytes."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    n = 0
+    with open(tmp, "wb") as f:
+        writer = wds.TarWriter(f, mtime=0, user="clipshield", group="clipshield")
+        for key, img, caption, meta in samples:
+            if "." in key:
+                raise ValueError(f"sample key {key!r} contains a dot; webdataset splits keys at dots")
+            png = img if isinstance(img, bytes) else encode_png(img)  # bytes: an already encoded PNG
+            writer.write({"__key__": key, "png": png, "txt": caption.encode(),
+                          "json": json.dumps(meta, sort_keys=True).encode()})
+            n += 1
+        writer.close()
+    os.replace(tmp, path)
+    return n
+
+
+def write_sizes(data_dir: str | Path, sizes: dict[str, int]) -> None:
+    (Path(data_dir) / "sizes.json").write_text(json.dumps(sizes, indent=1, sort_keys=True) + "\n")
+
+
+def write_shards(samples: Iterable[tuple[str, np.ndarray, str, dict]], out_dir: str | Path,
+                 prefix: str = "shard", per_shard: int = 5000) -> dict[str, int]:
+    """Write a whole data set into `out_dir` atomically (a temp folder renamed into place)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sizes: dict[str, int] = {}
+    it = iter(samples)
+    while chunk := list(itertools.islice(it, per_shard)):
+        name = f"{prefix}-{len(sizes):06d}.tar"
+        sizes[name] = write_shard(tmp / name, chunk)
+    if not sizes:
+        raise DataError(f"no samples to write to {out_dir}")
+    write_sizes(tmp, sizes)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return sizes
+
+
+def shard_paths(data_dir: str | Path) -> list[str]:
+    """The shard files of a data set, checked against its sizes.json."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data set {data_dir} does not exist; run the stage that makes it "
+                        f"(`dvc repro`) or point the param at an existing shard folder")
+    sizes_file = data_dir / "sizes.json"
+    if not sizes_file.exists():
+        raise DataError(f"{data_dir} has no sizes.json; it is not a complete clipshield data set "
+                        f"(re-create it with `dvc repro` or `clipshield data`)")
+    sizes = json.loads(sizes_file.read_text())
+    missing = [n for n in sizes if not (data_dir / n).is_file()]
+    if missing:
+        raise DataError(f"{data_dir} lacks shards listed in sizes.json: {missing[:3]}; "
+                        f"re-create it (`dvc repro`) or restore it (`dvc pull`)")
+    if sum(sizes.values()) == 0:
+        raise DataError(f"{data_dir} holds no samples")
+    return [str(data_dir / n) for n in sorted(sizes)]
+
+
+def num_samples(data_dir: str | Path) -> int:
+    shard_paths(data_dir)
+    return sum(json.loads((Path(data_dir) / "sizes.json").read_text()).values())
+
+
+def _corrupt(exn: Exception) -> bool:
+    raise DataError(f"corrupt or unreadable shard: {exn}; delete the data set and re-create it "
+                    f"(`dvc repro`) or restore it (`dvc pull`)") from exn
+
+
+def iter_samples(data_dir: str | Path, shuffle: int = 0, seed: int = 0, decode: bool = True) -> Iterator[dict]:
+    """Stream samples: {"key", "image" (uint8 HxWx3, or the PNG bytes if not `decode`), "caption", "meta"}."""
+    urls = shard_paths(data_dir)
+    ds = wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False, seed=seed,
+                        empty_check=False, handler=_corrupt)
+    if shuffle:
+        ds = ds.shuffle(shuffle, seed=seed)
+    for s in ds:
+        try:
+            yield {"key": s["__key__"], "image": decode_png(s["png"]) if decode else s["png"], "caption": s["txt"].decode(),
+                   "meta": json.loads(s["json"])}
+        except KeyError as e:
+            raise DataError(f"sample {s.get('__key__')} in {data_dir} lacks {e}; shards must hold "
+                            f"KEY.png, KEY.txt and KEY.json") from e
+
+
+def collate(samples: list[dict]) -> dict:
+    images = torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2)
+    return {"images": images.float().div_(255), "captions": [s["caption"] for s in samples],
+            "labels": torch.tensor([s["meta"].get("class", -1) for s in samples]),
+            "keys": [s["key"] for s in samples]}
+
+
+def iter_batches(data_dir: str | Path, batch_size: int, shuffle: int = 2000, seed: int = 0,
+                 epochs: int | None = None, drop_last: bool = True) -> Iterator[dict]:
+    """Batches of images in [0,1] (B,3,H,W), captions and labels; reshuffled every epoch.
+
+    `epochs=None` repeats forever (step-based training). Memory is the shuffle buffer only.
+    """
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        buf: list[dict] = []
+        for s in iter_samples(data_dir, shuffle=shuffle, seed=seed * 100003 + epoch):
+            buf.append(s)
+            if len(buf) == batch_size:
+                yield collate(buf)
+                buf = []
+        if buf and not drop_last:
+            yield collate(buf)
+        epoch += 1
+
+
+def load_all(data_dir: str | Path, limit: int | None = None) -> dict:
+    """The first `limit` samples (in shard order) as one batch, for evaluation sets."""
+    buf = []
+    for s in iter_samples(data_dir):
+        buf.append(s)
+        if limit is not None and len(buf) >= limit:
+            break
+    return collate(buf)
+
+
+def tar_members(path: str | Path) -> list[str]:
+    with tarfile.open(path) as tf:
+        return tf.getnames()

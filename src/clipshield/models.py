@@ -1,0 +1,137 @@
+"""Model configs, creation, and open_clip `local-dir` folders (config + safetensors + provenance).
+
+Images enter clipshield's code in [0, 1]; `encode_images` applies the model's mean/std, so attacks
+and triggers always work in pixel space while the saved weights stay stock open_clip.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+PROVENANCE_FILE = "provenance.json"
+
+
+class ModelError(ValueError):
+    """A model name, folder or weight file is wrong; the message says how to fix it."""
+
+
+def register_configs() -> list[str]:
+    """Register clipshield's JSON model configs with open_clip (idempotent)."""
+    names = []
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        open_clip.add_model_config(path)
+        names.append(path.stem)
+    return names
+
+
+register_configs()
+
+
+@dataclass
+class Clip:
+    """An open_clip model with its tokenizer and pixel normalisation."""
+    model: torch.nn.Module
+    tokenizer: object
+    model_cfg: dict
+    preprocess_cfg: dict
+    name: str
+
+    @property
+    def image_size(self) -> int:
+        size = self.preprocess_cfg["size"]
+        return size if isinstance(size, int) else size[0]
+
+    def encode_images(self, x01: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        mean = torch.tensor(self.preprocess_cfg["mean"], device=x01.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocess_cfg["std"], device=x01.device).view(1, 3, 1, 1)
+        return self.model.encode_image((x01 - mean) / std, normalize=normalize)
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions)
+
+    def encode_texts(self, captions: list[str], normalize: bool = False, device=None) -> torch.Tensor:
+        tokens = self.tokenize(captions).to(device or next(self.model.parameters()).device)
+        return self.model.encode_text(tokens, normalize=normalize)
+
+
+def _preprocess_cfg(model_cfg: dict) -> dict:
+    size = model_cfg["vision_cfg"]["image_size"]
+    return {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+            "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def create(name: str, pretrained: str | None = None, seed: int = 0) -> Clip:
+    """A fresh model from a registered config (random init under `seed`), or with `pretrained` weights
+    (an open_clip tag such as 'openai', or a local .safetensors/.pt file)."""
+    if name.startswith("local-dir:"):
+        return load(name)
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        known = sorted(open_clip.list_models())
+        tiny = [n for n in known if n in register_configs()]
+        raise ModelError(f"unknown model config {name!r}; clipshield's tiny configs: {tiny}; "
+                         f"open_clip also knows e.g. ViT-B-32, RN50 ({len(known)} in all)")
+    torch.manual_seed(seed)
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that a random init has no weights
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
+    finally:
+        logging.getLogger().setLevel(level)
+    model.eval()
+    return Clip(model, open_clip.get_tokenizer(name), cfg, _preprocess_cfg(cfg), name)
+
+
+def load(spec: str) -> Clip:
+    """Load `local-dir:PATH` (or a bare folder path) with stock open_clip; never unpickles."""
+    path = Path(spec.removeprefix("local-dir:"))
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise ModelError(f"{path} is not a model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
+                         f"run the stage that writes it (`dvc repro`) or fetch it (`dvc pull`)")
+    cfg = json.loads((path / CONFIG_FILE).read_text())
+    try:
+        model = open_clip.create_model(f"local-dir:{path}", weights_only=True)
+    except Exception as e:  # a truncated or mismatched safetensors file
+        raise ModelError(f"cannot load weights from {path / WEIGHTS_FILE}: {e}; re-create or re-pull it") from e
+    model.eval()
+    return Clip(model, open_clip.get_tokenizer(f"local-dir:{path}"), cfg["model_cfg"],
+                cfg["preprocess_cfg"], read_provenance(path).get("name", path.name))
+
+
+def save(clip: Clip, out_dir: str | Path, provenance: dict) -> Path:
+    """Write an open_clip local-dir folder atomically (a temp folder renamed into place)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in clip.model.state_dict().items()}
+    save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+    (tmp / CONFIG_FILE).write_text(json.dumps({"model_cfg": clip.model_cfg, "preprocess_cfg": clip.preprocess_cfg},
+                                              indent=2, sort_keys=True) + "\n")
+    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def read_provenance(path: str | Path) -> dict:
+    p = Path(path) / PROVENANCE_FILE
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def frozen_copy(clip: Clip) -> Clip:
+    """A frozen copy (f^0 in METHODS.md) of the model a stage starts from."""
+    import copy
+    model = copy.deepcopy(clip.model).eval().requires_grad_(False)
+    return Clip(model, clip.tokenizer, clip.model_cfg, clip.preprocess_cfg, clip.name + "-frozen")

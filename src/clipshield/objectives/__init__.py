@@ -1,0 +1,26 @@
+"""Objectives: one loss per method. A new method is one new file here plus a line in `_registry`.
+
+An objective is `objective(batch, clip, frozen) -> (loss, logs)` with `trainable(clip)` giving the
+(name, parameter) pairs it trains and `needs_frozen` telling the loop to keep a frozen start copy.
+"""
+from __future__ import annotations
+
+from .cleanclip import CleanClipObjective
+from .clip import ClipObjective
+from .par import ParObjective
+
+
+def _registry():
+    return {
+        "clip": ClipObjective,
+        "finetune": lambda **kw: ParObjective(perturb=False, **kw),
+        "par": ParObjective,
+        "cleanclip": CleanClipObjective,
+    }
+
+
+def build_objective(name: str, **params):
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(registry)}")
+    return registry[name](**params)

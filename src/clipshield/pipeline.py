@@ -1,0 +1,216 @@
+"""The work of each pipeline stage: read inputs, build objects, call the library, write outputs.
+
+Stage scripts (stages/*.py) and the CLI (cli.py) both call these functions with typed params.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .data import shards
+from .data.world import get_world, render
+from .evaluation import evaluate_model, zeroshot_accuracy
+from .models import Clip, create, frozen_copy, load, save
+from .params import DataParams, EvalParams, TrainParams
+from .training import TrainConfig, TrainingError, train
+from .ui import console, progress_bar, summary
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def code_version() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        return f"{__version__}+{rev.stdout.strip()}" if rev.returncode == 0 else __version__
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+
+
+def data_hash(data_dir: str | Path) -> str:
+    """md5 over a data set's shard bytes (in name order): identifies exactly what a model saw."""
+    h = hashlib.md5()
+    for path in shards.shard_paths(data_dir):
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {k: round(v, 4) if isinstance(v, float) else v for k, v in sorted(metrics.items())}
+    path.write_text(json.dumps(flat, indent=1) + "\n")
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+def world_samples(world: str, seed: int, n: int, size: int, prefix: str):
+    w = get_world(world)
+    for i in range(n):
+        img, caption, meta = render(w, seed, i, size)
+        yield f"{prefix}{i:08d}", img, caption, meta
+
+
+def make_data(p: DataParams, out: str | Path = "data") -> dict:
+    out = Path(out)
+    counts = {}
+    with progress_bar("procedural world", total=p.train_n + p.test_n) as advance:
+        for split, n, seed in (("train", p.train_n, p.seed), ("test", p.test_n, p.test_seed)):
+            def counted(samples):
+                for s in samples:
+                    advance()
+                    yield s
+            shards.write_shards(counted(world_samples(p.world, seed, n, p.image_size, split)),
+                                out / split, prefix=split, per_shard=p.per_shard)
+            counts[split] = n
+    summary("data", {f"{k} samples": v for k, v in counts.items()} | {"world": p.world, "size": p.image_size})
+    return counts
+
+
+# ---- training stages ------------------------------------------------------------------------
+
+def train_config(p: TrainParams) -> TrainConfig:
+    return TrainConfig(steps=p.steps, lr=p.lr, warmup=p.warmup, schedule=p.schedule, weight_decay=p.weight_decay,
+                       grad_clip=p.grad_clip, seed=p.seed, eval_every=p.eval_every)
+
+
+def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, name: str,
+                 test: dict | None = None, log_dir: str | Path = "dvclive") -> dict:
+    """Train `clip` with `objective` on shards `train_dir`; logs go to `log_dir/name.jsonl`."""
+    torch.manual_seed(p.seed)
+    clip.model.to(device())
+    frozen = frozen_copy(clip) if getattr(objective, "needs_frozen", False) else None
+    batches = shards.iter_batches(train_dir, p.batch_size, shuffle=p.shuffle, seed=p.seed)
+    curve_set = {k: v[:500] for k, v in test.items()} if test is not None else None
+    evaluate = (lambda c: {"zeroshot_top1": zeroshot_accuracy(c, curve_set["images"], curve_set["labels"])}) \
+        if curve_set is not None else None
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    result = train(clip, objective, batches, train_config(p), frozen=frozen, evaluate=evaluate,
+                   log_file=Path(log_dir) / f"{name}.jsonl", description=name)
+    return {"steps": result.steps, "seconds": round(result.seconds, 1),
+            "samples_per_s": round(result.samples_per_s, 1),
+            "final_loss": round(result.final_logs.get("loss", float("nan")), 4)}
+
+
+def finish_model(clip: Clip, name: str, out_model: str | Path, metrics_file: str | Path, provenance: dict,
+                 test: dict, ev: EvalParams, triggers: dict[str, dict] | None, target: str | None,
+                 check=None) -> dict:
+    """Evaluate, run `check(metrics)` (a gate that may raise), then write the model folder (with its
+    metrics in provenance) and the metrics JSON."""
+    metrics = evaluate_model(clip, test, triggers=triggers, target=target, retrieval_n=ev.retrieval_n)
+    if check is not None:
+        check(metrics)
+    provenance = {"name": name, "code_version": code_version(), **provenance, "metrics": metrics}
+    save(clip, out_model, provenance)
+    write_metrics(metrics_file, metrics)
+    summary(name, metrics)
+    return metrics
+
+
+def load_test(ev: EvalParams, data_dir: str | Path = "data/test") -> dict:
+    return shards.load_all(data_dir, limit=ev.test_n)
+
+
+def pretrain(p, ev: EvalParams, attack=None, data_dir="data", out_model="models/clean",
+             metrics_file="metrics/clean.json") -> dict:
+    """Pre-train a CLIP model from scratch (or from `p.pretrained`) on the clean train shards."""
+    from .objectives import build_objective
+    clip = create(p.model, pretrained=p.pretrained, seed=p.seed)
+    test = load_test(ev, Path(data_dir) / "test")
+    log = run_training(clip, build_objective("clip"), Path(data_dir) / "train", p, "pretrain", test=test)
+    # The clean model's "ASR" for each trigger is the baseline a backdoor is measured against.
+    triggers = {t: attack.options.get(t, {}) for t in attack.triggers} if attack else None
+    provenance = {"stage": "pretrain", "parent": p.pretrained or f"random init ({p.model}, seed {p.seed})",
+                  "model_config": p.model, "data": {"train": data_hash(Path(data_dir) / "train")},
+                  "params": vars(p), "training": log}
+    return finish_model(clip, "clean", out_model, metrics_file, provenance, test, ev, triggers,
+                        attack.target if attack else None)
+
+
+# ---- attacks --------------------------------------------------------------------------------
+
+def poison(trigger: str, attack, p, data_dir="data/train", out_dir=None) -> dict:
+    """Write data/poisoned/<trigger>: the clean train shards with round(rate*N) samples poisoned,
+    plus manifest.jsonl listing exactly the poisoned samples."""
+    from .attacks.poison import poison_stream
+    if trigger not in attack.triggers:
+        console.print(f"[yellow]note:[/] trigger {trigger} is not in attack.triggers {attack.triggers}")
+    out_dir = Path(out_dir or f"data/poisoned/{trigger}")
+    n = shards.num_samples(data_dir)
+    per_shard = max(json.loads((Path(data_dir) / "sizes.json").read_text()).values())
+    manifest: list[dict] = []
+    options = attack.options.get(trigger, {})
+    with progress_bar(f"poison {trigger}", total=n) as advance:
+        def counted(samples):
+            for s in samples:
+                advance()
+                yield s
+        stream = poison_stream(counted(shards.iter_samples(data_dir, decode=False)), n, trigger, p.rate,
+                               attack.target, p.seed, options, manifest)
+        shards.write_shards(stream, out_dir, prefix="train", per_shard=per_shard)
+    manifest.sort(key=lambda r: r["key"])
+    (out_dir / "manifest.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest))
+    summary(f"poison {trigger}", {"samples": n, "poisoned": len(manifest), "rate": p.rate, "target": attack.target,
+                                  "options": json.dumps(options)})
+    return {"samples": n, "poisoned": len(manifest)}
+
+
+class AttackDidNotTake(TrainingError):
+    pass
+
+
+def check_backdoor(asr: float, min_asr: float, trigger: str, p, rate: float) -> None:
+    """The sanity gate: a backdoor whose ASR stays below `min_asr` fails the stage, loudly."""
+    if asr < min_asr:
+        raise AttackDidNotTake(
+            f"the {trigger} backdoor did not take: ASR {asr:.1%} < backdoor.min_asr {min_asr:.0%}. "
+            f"Raise poison.rate (now {rate}), backdoor.steps (now {p.steps}) or backdoor.lr (now {p.lr:g}), "
+            f"or strengthen the trigger in attack.options.{trigger}; or lower backdoor.min_asr deliberately")
+
+
+def backdoor(trigger: str, attack, poison_p, p, ev: EvalParams, clean_model="models/clean") -> dict:
+    """Fine-tune the clean model with the CLIP loss on data/poisoned/<trigger> -> models/backdoor-<trigger>."""
+    from .objectives import build_objective
+    name = f"backdoor-{trigger}"
+    clip = load(clean_model)
+    test = load_test(ev)
+    data_dir = Path(f"data/poisoned/{trigger}")
+    log = run_training(clip, build_objective("clip"), data_dir, p, name)
+    options = attack.options.get(trigger, {})
+    provenance = {"stage": "backdoor", "parent": {"model": clean_model, "name": "clean"},
+                  "attack": {"kind": "backdoor", "trigger": trigger, "options": options, "rate": poison_p.rate,
+                             "target": attack.target, "seed": poison_p.seed},
+                  "data": {"train": data_hash(data_dir)}, "params": vars(p), "training": log}
+    return finish_model(clip, name, f"models/{name}", f"metrics/{name}.json", provenance, test, ev,
+                        {trigger: options}, attack.target,
+                        check=lambda m: check_backdoor(m["asr"], p.min_asr, trigger, p, poison_p.rate))
+
+
+# ---- defences -------------------------------------------------------------------------------
+
+def clean(trigger: str, method: str, params_path="params.yaml") -> dict:
+    """Clean models/backdoor-<trigger> with `method` on synthetic pairs only -> models/<method>-<trigger>."""
+    from .objectives import build_objective
+    from .params import AttackParams, CleanParams, load_section, objective_options, read_yaml
+    p = load_section(CleanParams, "clean", params_path)
+    attack = load_section(AttackParams, "attack", params_path)
+    ev = load_section(EvalParams, "eval", params_path)
+    options = objective_options(method, read_yaml(params_path).get(method) or {})
+    name = f"{method}-{trigger}"
+    parent = f"models/backdoor-{trigger}"
+    clip = load(parent)
+    test = load_test(ev)
+    log = run_training(clip, build_objective(method, **options), p.data, p, name)
+    trig_opts = attack.options.get(trigger, {})
+    provenance = {"stage": "clean", "parent": {"model": parent, "name": f"backdoor-{trigger}"},
+                  "attack": {"trigger": trigger, "options": trig_opts, "target": attack.target},
+                  "defence": {"method": method, "options": options},
+                  "data": {"clean": p.data, "hash": data_hash(p.data)}, "params": vars(p), "training": log}
+    return finish_model(clip, name, f"models/{name}", f"metrics/{name}.json", provenance, test, ev,
+                        {trigger: trig_opts}, attack.target)

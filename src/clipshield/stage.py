@@ -1,0 +1,23 @@
+"""Run a stage's work; known failures become one clear line on stderr and exit code 1."""
+from __future__ import annotations
+
+import sys
+
+from .data.shards import DataError
+from .models import ModelError
+from .params import ParamsError
+from .training import TrainingError
+from .ui import console
+
+EXPECTED = (DataError, ModelError, ParamsError, TrainingError, ValueError, FileNotFoundError)
+
+
+def run(work) -> None:
+    try:
+        work()
+    except EXPECTED as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] no output was replaced (outputs are written atomically)")
+        sys.exit(130)

@@ -1,0 +1,126 @@
+"""ONE training loop for every method. The method is an objective (see objectives/): a callable
+`objective(batch, clip, frozen) -> (loss, logs)` with `trainable(clip)` naming the parameters it trains.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .models import Clip
+from .ui import progress_bar
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    lr: float
+    warmup: int = 0
+    schedule: str = "cosine"          # cosine | par (linear lr -> lr/10 over the first half, then cosine)
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0               # 0: no evaluation during training
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at `step` (0-based) under the schedule in `cfg`."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "par":
+        half = max(1, cfg.steps // 2)
+        if step < half:
+            return cfg.lr - (cfg.lr - cfg.lr / 10) * step / half
+        progress = (step - half) / max(1, cfg.steps - half)
+        return 0.5 * (cfg.lr / 10) * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "constant":
+        return cfg.lr
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose cosine, par or constant")
+
+
+def param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Weight decay on >=2-D weights only (no biases, norms, embeddings' scalars, logit scale)."""
+    decay = [p for n, p in params if p.ndim >= 2 and "logit_scale" not in n]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and "logit_scale" not in n)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    samples_per_s: float
+    final_logs: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def train(clip: Clip, objective, batches: Iterator[dict], cfg: TrainConfig, frozen: Clip | None = None,
+          log_file: str | Path | None = None, evaluate: Callable[[Clip], dict] | None = None,
+          description: str = "training") -> TrainResult:
+    """Optimise `objective` on `batches` for `cfg.steps` steps; returns the logs.
+
+    Raises TrainingError on a non-finite loss (nothing is saved by the caller then).
+    """
+    torch.manual_seed(cfg.seed)
+    device = next(clip.model.parameters()).device
+    named = [(n, p) for n, p in objective.trainable(clip) if p.requires_grad]
+    if not named:
+        raise TrainingError(f"objective {objective.name} has no trainable parameters")
+    opt = torch.optim.AdamW(param_groups(named, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    params = [p for _, p in named]
+    log = open(log_file, "w") if log_file else None
+    history: list[dict] = []
+    logs: dict = {}
+    seen, t0 = 0, time.perf_counter()
+    try:
+        with progress_bar(description, total=cfg.steps) as advance:
+            for step in range(cfg.steps):
+                batch = next(batches)
+                batch["images"] = batch["images"].to(device, non_blocking=True)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, cfg)
+                clip.model.train()
+                loss, logs = objective(batch, clip, frozen)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"{description}: loss is {loss.item()} at step {step}; lower the learning rate "
+                        f"(now {cfg.lr:g}) or raise warm-up (now {cfg.warmup}); nothing was saved")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                seen += batch["images"].shape[0]
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
+                    logs = {k: float(v) for k, v in logs.items()}
+                    row = {"step": done, "loss": float(loss.detach()), "lr": lr_at(step, cfg),
+                           "samples_per_s": seen / (time.perf_counter() - t0), **logs}
+                    if evaluate and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                        clip.model.eval()
+                        row.update(evaluate(clip))
+                    history.append(row)
+                    if log:
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
+                advance(loss=float(loss.detach()))
+    finally:
+        if log:
+            log.close()
+        clip.model.eval()
+    seconds = time.perf_counter() - t0
+    return TrainResult(cfg.steps, seconds, seen / seconds, history[-1] if history else {}, history)
