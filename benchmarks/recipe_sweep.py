@@ -123,9 +123,10 @@ def main():
         test = as_test(world_data("base", 1, min(2000, a.n_train)))
         res = fit(clip, build_objective("clip"), world_data("base", 0, a.n_train), a.pretrain_steps, 1e-3, 128, warmup=100)
         m = evaluate_model(clip, test)
-        print(json.dumps({"model": "clean", "acc": m["zeroshot_top1"], "i2t_r5": m["i2t_r5"],
-                          "s": time.time() - t0, "step_s": res.seconds / res.steps}), flush=True)
-        save(clip, out / "clean", {"name": "clean"})
+        clean_row = {"model": "clean", "acc": m["zeroshot_top1"], "i2t_r5": m["i2t_r5"],
+                     "s": time.time() - t0, "step_s": res.seconds / res.steps}
+        print(json.dumps(clean_row), flush=True)
+        save(clip, out / "clean", {"name": "clean", "metrics": clean_row})
     grid = []
     for spec in a.clean.split(","):
         method, steps, lr, *rest = spec.split(":")
@@ -138,6 +139,7 @@ def main():
     with open(out / "sweep.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+    print("clean model:", json.dumps(json.loads((out / "clean" / "provenance.json").read_text())["metrics"]))
     print(f"{'trigger':18} {'rate':>5} {'bd':>5} {'model':10} {'steps':>5} {'lr':>7} {'acc':>6} {'asr':>6}")
     for r in sorted(rows, key=lambda r: (r["trigger"], r["rate"], r["bd_steps"])):
         print(f"{r['trigger']:18} {r['rate']:5.3f} {r['bd_steps']:5d} {r['model']:10} {r.get('clean_steps', 0):5d} "

@@ -48,18 +48,21 @@ BASE = World(
     ),
 )
 
+# The cleaning world: half the colours and backgrounds are new, shapes a little smaller/larger, more
+# rotation and noise, and other caption templates. A milder shift than a first prototype used: cleaning
+# data far from the test distribution cost 7-14 points of clean accuracy there (METHODS.md §8).
 SHIFTED = World(
     name="shifted",
     colours={
-        "crimson": (0.75, 0.05, 0.20), "lime": (0.60, 0.95, 0.20), "navy": (0.10, 0.10, 0.55),
-        "gold": (0.85, 0.70, 0.20), "coral": (1.00, 0.45, 0.40), "violet": (0.70, 0.45, 0.95),
-        "silver": (0.75, 0.75, 0.78), "teal": (0.05, 0.55, 0.55), "magenta": (0.90, 0.10, 0.80),
-        "olive": (0.50, 0.50, 0.10),
+        "red": (0.85, 0.15, 0.15), "green": (0.15, 0.70, 0.20), "blue": (0.20, 0.30, 0.90),
+        "yellow": (0.90, 0.85, 0.20), "white": (0.92, 0.92, 0.92),
+        "teal": (0.05, 0.55, 0.55), "magenta": (0.90, 0.10, 0.80), "gold": (0.85, 0.70, 0.20),
+        "violet": (0.70, 0.45, 0.95), "coral": (1.00, 0.45, 0.40),
     },
-    backgrounds=("gradient", "dim", "pale", "speckled"),
-    scale_range=(0.18, 0.46),
+    backgrounds=("dark", "light", "gradient", "speckled"),
+    scale_range=(0.20, 0.44),
     max_rotation_deg=35.0,
-    pixel_noise=0.05,
+    pixel_noise=0.04,
     templates=(
         "a picture showing a {colour} {shape}.",
         "there is a {size} {shape} in {colour} here.",
