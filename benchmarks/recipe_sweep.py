@@ -73,7 +73,7 @@ def fit(clip, objective, data, steps, lr, bs, schedule="cosine", wd=0.1, warmup=
 
 
 def job(args):
-    trigger, rate, bd_steps, bd_lr, clean_grid, workdir, n_train = args
+    trigger, rate, bd_steps, bd_lr, clean_grid, workdir, n_train, clean_bs = args
     torch.set_num_threads(2)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train_d = world_data("base", 0, n_train)
@@ -91,7 +91,7 @@ def job(args):
     for method, steps, lr, extra in clean_grid:
         clip.model.load_state_dict(start)
         t0 = time.time()
-        res = fit(clip, build_objective(method, **extra), synth, steps, lr, 128, schedule="par", wd=1e-4)
+        res = fit(clip, build_objective(method, **extra), synth, steps, lr, clean_bs, schedule="par", wd=1e-4)
         m = evaluate_model(clip, test, {trigger: TRIGGER_OPTIONS[trigger]}, "star")
         rows.append({**base, "model": method, "clean_steps": steps, "clean_lr": lr, **extra,
                      "acc": m["zeroshot_top1"], "asr": m["asr"], "s": time.time() - t0,
@@ -111,6 +111,7 @@ def main():
     ap.add_argument("--bd-steps", default="600")
     ap.add_argument("--bd-lr", type=float, default=5e-4)
     ap.add_argument("--n-train", type=int, default=30000)
+    ap.add_argument("--clean-bs", type=int, default=128)
     ap.add_argument("--clean", default="finetune:500:1e-4,par:500:1e-4,cleanclip:500:1e-4")
     a = ap.parse_args()
     out = Path(a.out)
@@ -132,7 +133,7 @@ def main():
         method, steps, lr, *rest = spec.split(":")
         extra = {"eps": float(rest[0])} if rest else {}
         grid.append((method, int(steps), float(lr), extra))
-    jobs = [(t, float(r), int(s), a.bd_lr, grid, str(out), a.n_train) for t, r, s in
+    jobs = [(t, float(r), int(s), a.bd_lr, grid, str(out), a.n_train, a.clean_bs) for t, r, s in
             itertools.product(a.triggers.split(","), a.rates.split(","), a.bd_steps.split(","))]
     with mp.get_context("spawn").Pool(a.workers) as pool:
         rows = [r for rs in pool.imap_unordered(job, jobs) for r in rs]
