@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .attacks.triggers import TRIGGERS
 from .data import shards
 from .data.world import get_world, render
 from .evaluation import evaluate_model, zeroshot_accuracy
@@ -124,8 +125,8 @@ def pretrain(p, ev: EvalParams, attack=None, data_dir="data", out_model="models/
     clip = create(p.model, pretrained=p.pretrained, seed=p.seed)
     test = load_test(ev, Path(data_dir) / "test")
     log = run_training(clip, build_objective("clip"), Path(data_dir) / "train", p, "pretrain", test=test)
-    # The clean model's "ASR" for each trigger is the baseline a backdoor is measured against.
-    triggers = {t: attack.options.get(t, {}) for t in attack.triggers} if attack else None
+    # The clean model's "ASR" for every trigger is the baseline a backdoor is measured against.
+    triggers = {t: attack.options.get(t, {}) for t in TRIGGERS} if attack else None
     provenance = {"stage": "pretrain", "parent": p.pretrained or f"random init ({p.model}, seed {p.seed})",
                   "model_config": p.model, "data": {"train": data_hash(Path(data_dir) / "train")},
                   "params": vars(p), "training": log}
