@@ -71,13 +71,19 @@ def evaluate(model: Annotated[str, typer.Option(help="local-dir:PATH, or an open
              target: Annotated[str, typer.Option(help="backdoor target class")] = "star",
              test: Annotated[Path, typer.Option(help="test shard folder")] = Path("data/test"),
              test_n: Annotated[int, typer.Option(min=1, help="test images")] = 2000,
-             robust_eps: Annotated[list[float], typer.Option(help="robust accuracy at eps (in /255 units)")] = [],
-             robust_n: Annotated[int, typer.Option(min=1, help="images for robust accuracy")] = 200,
              params: ParamsFile = Path("params.yaml"),
              out: Annotated[Optional[Path], typer.Option(help="write the metrics JSON here")] = None):
-    """Score any CLIP model: clean zero-shot accuracy, retrieval, ASR per trigger, robust accuracy."""
+    """Score any CLIP model: clean zero-shot accuracy, retrieval, and ASR per trigger (trigger strengths
+    from params.yaml's attack.options). Prints the metrics as JSON on stdout."""
     from .pipeline import evaluate_any
-    run(lambda: evaluate_any(model, pretrained, trigger, target, test, test_n, robust_eps, robust_n, params, out))
+    run(lambda: evaluate_any(model, pretrained, trigger, target, test, test_n, params, out))
+
+
+@app.command()
+def report(params: ParamsFile = Path("params.yaml"), out: Annotated[Path, typer.Option()] = Path("reports")):
+    """Write reports/: the comparison table (markdown), ASR-vs-accuracy plot and trigger gallery."""
+    from .report import write_report
+    run(lambda: write_report(_section(P.AttackParams, "attack", params), Path("metrics"), out))
 
 
 @app.command()

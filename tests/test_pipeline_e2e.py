@@ -1,0 +1,103 @@
+"""End to end: the real pipeline (`dvc repro`) on the smoke profile in a copy of the repo.
+
+It really generates data, pre-trains, poisons, backdoors, synthesises and cleans, just small; then
+checks the cache (a second repro runs nothing) and that `dvc exp run -S par.eps=...` re-runs exactly
+the PAR stages.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def sh(cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    r = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"`{cmd}` failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def copy_repo(dst: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if f.startswith((".dvc/", "dvc.lock", "metrics/", "dvclive/", "reports/")) or not (REPO / f).is_file():
+            continue
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, dst / f)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    copy_repo(root)
+    sh("git init -q && dvc init -q && dvc config core.analytics false", root)
+    sh("clipshield profile smoke", root)
+    sh("git add -A && git commit -qm smoke", root)
+    run = sh("dvc repro", root)
+    return root, run
+
+
+def test_repro_trains_and_evaluates_every_model(project):
+    root, run = project
+    stages = re.findall(r"Running stage '([^']+)'", run.stdout)
+    assert stages[:2] == ["data", "pretrain"]
+    assert {"poison@blended_stripes", "backdoor@blended_stripes", "synth",
+            "clean@blended_stripes-finetune", "clean@blended_stripes-cleanclip", "clean@blended_stripes-par"} <= set(stages)
+    clean = json.loads((root / "metrics/clean.json").read_text())
+    for key in ("zeroshot_top1", "i2t_r1", "i2t_r5", "t2i_r5", "i2t_r10"):
+        assert 0.0 <= clean[key] <= 1.0
+    # Pre-training really trained: the logged loss fell.
+    log = [json.loads(line) for line in (root / "dvclive/pretrain.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert "zeroshot_top1" in log[-1]
+    for name in ("backdoor-blended_stripes", "par-blended_stripes", "cleanclip-blended_stripes"):
+        m = json.loads((root / f"metrics/{name}.json").read_text())
+        assert {"asr", "asr_all", "retrieval_asr", "zeroshot_top1"} <= set(m)
+        prov = json.loads((root / f"models/{name}/provenance.json").read_text())
+        assert prov["metrics"]["asr"] == pytest.approx(m["asr"], abs=1e-4)
+        assert prov["attack"]["trigger"] == "blended_stripes"
+    manifest = (root / "data/poisoned/blended_stripes/manifest.jsonl").read_text().splitlines()
+    assert len(manifest) == round(0.2 * 1200)
+    shown = sh("dvc metrics show", root).stdout
+    assert "metrics/clean.json" in shown and "zeroshot_top1" in shown
+
+
+def test_second_repro_runs_nothing(project):
+    root, _ = project
+    again = sh("dvc repro", root)
+    assert "Running stage" not in again.stdout
+    assert "up to date" in (sh("dvc status", root).stdout + again.stdout).lower()
+
+
+def test_exp_run_par_eps_reruns_only_par_stages(project):
+    root, _ = project
+    sh("git add -A && git commit -qm lock", root)
+    exp = sh("dvc exp run -S par.eps=1.8", root)
+    ran = re.findall(r"Running stage '([^']+)'", exp.stdout)
+    assert ran == ["clean@blended_stripes-par"], exp.stdout
+
+
+def test_stage_with_bad_params_fails_with_one_line(project):
+    root, _ = project
+    params = (root / "params.yaml").read_text()
+    try:
+        (root / "params.yaml").write_text(params.replace("  steps: 10", "  stpes: 10", 1))
+        r = sh("python stages/backdoor.py blended_stripes", root, check=False)
+        assert r.returncode == 1
+        assert "unknown param `backdoor.stpes`" in r.stderr and "did you mean `backdoor.steps`" in r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        (root / "params.yaml").write_text(params)

@@ -1,0 +1,246 @@
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from clipshield.data import shards
+from clipshield.data.shards import DataError
+
+
+def make_samples(n, size=4):
+    rng = np.random.default_rng(0)
+    return [(f"s{i:04d}", rng.integers(0, 256, (size, size, 3), dtype=np.uint8), f"caption number {i}",
+             {"class": i % 10, "index": i}) for i in range(n)]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    samples = make_samples(10)
+    sizes = shards.write_shards(samples, tmp_path / "ds", prefix="train", per_shard=4)
+    return tmp_path / "ds", samples, sizes
+
+
+def test_write_sizes_and_files(dataset):
+    d, samples, sizes = dataset
+    assert sizes == {"train-000000.tar": 4, "train-000001.tar": 4, "train-000002.tar": 2}
+    assert json.loads((d / "sizes.json").read_text()) == sizes
+    assert sorted(p.name for p in d.iterdir()) == ["sizes.json", "train-000000.tar", "train-000001.tar",
+                                                    "train-000002.tar"]
+    assert not (d.parent / "ds.partial").exists()
+    assert shards.num_samples(d) == 10
+
+
+def test_round_trip_exact(dataset):
+    d, samples, _ = dataset
+    got = list(shards.iter_samples(d))
+    assert [g["key"] for g in got] == [s[0] for s in samples]
+    for g, (key, img, cap, meta) in zip(got, samples):
+        assert g["image"].dtype == np.uint8
+        assert np.array_equal(g["image"], img)
+        assert g["caption"] == cap
+        assert g["meta"] == meta
+
+
+def test_undecoded_gives_png_bytes(dataset):
+    d, samples, _ = dataset
+    first = next(shards.iter_samples(d, decode=False))
+    assert isinstance(first["image"], bytes) and first["image"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert np.array_equal(shards.decode_png(first["image"]), samples[0][1])
+
+
+def test_writes_are_byte_identical(tmp_path):
+    samples = make_samples(7)
+    shards.write_shards(samples, tmp_path / "a", per_shard=3)
+    shards.write_shards(samples, tmp_path / "b", per_shard=3)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_rewrite_replaces_folder(tmp_path):
+    shards.write_shards(make_samples(7), tmp_path / "a", per_shard=3)
+    shards.write_shards(make_samples(2), tmp_path / "a", per_shard=3)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["shard-000000.tar", "sizes.json"]
+    assert shards.num_samples(tmp_path / "a") == 2
+
+
+def test_tar_members_sorted_with_mtime_zero(dataset):
+    d, samples, _ = dataset
+    path = d / "train-000000.tar"
+    expected = [f"{k}.{ext}" for k, *_ in samples[:4] for ext in ("json", "png", "txt")]
+    assert shards.tar_members(path) == expected
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            assert m.mtime == 0
+            assert m.uname == "clipshield" and m.gname == "clipshield"
+        meta = json.loads(tf.extractfile("s0001.json").read())
+        assert meta == {"class": 1, "index": 1}
+        assert tf.extractfile("s0001.txt").read() == b"caption number 1"
+
+
+def test_json_is_key_sorted(tmp_path):
+    shards.write_shards([("k", np.zeros((2, 2, 3), np.uint8), "c", {"z": 1, "a": 2})], tmp_path / "d")
+    with tarfile.open(tmp_path / "d" / "shard-000000.tar") as tf:
+        assert tf.extractfile("k.json").read() == b'{"a": 2, "z": 1}'
+
+
+def test_key_with_dot_raises_and_keeps_old_dataset(dataset):
+    d, samples, _ = dataset
+    bad = [("ok", samples[0][1], "c", {}), ("a.b", samples[0][1], "c", {})]
+    with pytest.raises(ValueError, match="dot"):
+        shards.write_shards(bad, d)
+    # the failed write must not have touched the existing data set
+    assert [s["key"] for s in shards.iter_samples(d)] == [s[0] for s in samples]
+
+
+def test_missing_dir(tmp_path):
+    with pytest.raises(DataError, match=r"does not exist.*dvc repro"):
+        shards.shard_paths(tmp_path / "nope")
+    with pytest.raises(DataError):
+        list(shards.iter_samples(tmp_path / "nope"))
+
+
+def test_missing_sizes_json(dataset):
+    d, _, _ = dataset
+    (d / "sizes.json").unlink()
+    with pytest.raises(DataError, match=r"sizes\.json.*dvc repro"):
+        list(shards.iter_samples(d))
+
+
+def test_missing_shard(dataset):
+    d, _, _ = dataset
+    (d / "train-000001.tar").unlink()
+    with pytest.raises(DataError) as e:
+        list(shards.iter_samples(d))
+    assert "train-000001.tar" in str(e.value)
+    assert "dvc repro" in str(e.value) and "dvc pull" in str(e.value)
+
+
+def test_empty_write_raises(tmp_path):
+    with pytest.raises(DataError, match="no samples"):
+        shards.write_shards([], tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()
+
+
+def test_empty_dataset_raises(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    shards.write_sizes(d, {})
+    with pytest.raises(DataError, match="no samples"):
+        list(shards.iter_samples(d))
+
+
+@pytest.mark.xfail(reason="src/clipshield/data/shards.py shard_paths: the empty-data-set DataError "
+                          "('... holds no samples') does not say how to fix it, unlike the other DataErrors",
+                   strict=True)
+def test_empty_dataset_message_names_fix(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    shards.write_sizes(d, {})
+    with pytest.raises(DataError, match="dvc repro"):
+        shards.shard_paths(d)
+
+
+@pytest.mark.xfail(reason="src/clipshield/data/shards.py shard_paths: a corrupt sizes.json raises "
+                          "json.JSONDecodeError instead of DataError", strict=True)
+def test_corrupt_sizes_json(dataset):
+    d, _, _ = dataset
+    (d / "sizes.json").write_text("{not json")
+    with pytest.raises(DataError):
+        shards.shard_paths(d)
+
+
+@pytest.mark.parametrize("cut", ["half", "header"])
+def test_truncated_shard_raises_when_iterated(dataset, cut):
+    d, _, _ = dataset
+    p = d / "train-000001.tar"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2] if cut == "half" else data[:100])
+    it = shards.iter_samples(d)
+    with pytest.raises(DataError, match="dvc"):
+        list(it)
+
+
+def test_garbage_shard_raises(dataset):
+    d, _, _ = dataset
+    (d / "train-000000.tar").write_bytes(b"this is not a tar file" * 10)
+    with pytest.raises(DataError):
+        list(shards.iter_samples(d))
+
+
+@pytest.mark.xfail(reason="src/clipshield/data/shards.py iter_samples: a shard truncated at a sample "
+                          "boundary (or with a corrupt member header, which tarfile treats as end of "
+                          "archive) silently yields fewer samples than sizes.json lists", strict=True)
+def test_shard_truncated_at_sample_boundary_raises(dataset):
+    d, _, _ = dataset
+    p = d / "train-000000.tar"
+    # each member is a 512-byte header + data padded to 512 bytes; here 1 sample = 3 members = 3072 bytes
+    with tarfile.open(p) as tf:
+        second = [m for m in tf.getmembers() if m.name.startswith("s0001")][0]
+    p.write_bytes(p.read_bytes()[: second.offset])  # keep sample s0000 only, complete
+    with pytest.raises(DataError):
+        list(shards.iter_samples(d))
+
+
+def test_sample_lacking_a_part_raises(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    import io
+    with tarfile.open(d / "x.tar", "w") as tf:
+        for name, data in (("k.json", b"{}"), ("k.png", shards.encode_png(np.zeros((2, 2, 3), np.uint8)))):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    shards.write_sizes(d, {"x.tar": 1})
+    with pytest.raises(DataError, match="txt"):
+        list(shards.iter_samples(d))
+
+
+def test_iter_batches_shape_range_and_labels(tmp_path):
+    samples = make_samples(10, size=5)
+    shards.write_shards(samples, tmp_path / "d", per_shard=4)
+    batches = list(shards.iter_batches(tmp_path / "d", batch_size=4, shuffle=0, epochs=1))
+    assert len(batches) == 2  # drop_last: 10 -> 4 + 4
+    b = batches[0]
+    assert b["images"].shape == (4, 3, 5, 5) and b["images"].dtype == torch.float32
+    assert 0.0 <= b["images"].min() and b["images"].max() <= 1.0
+    expected = torch.from_numpy(samples[0][1]).permute(2, 0, 1).float() / 255
+    assert torch.equal(b["images"][0], expected)
+    assert b["captions"] == [s[2] for s in samples[:4]]
+    assert b["labels"].tolist() == [0, 1, 2, 3]
+    assert b["keys"] == [s[0] for s in samples[:4]]
+    last = list(shards.iter_batches(tmp_path / "d", batch_size=4, shuffle=0, epochs=1, drop_last=False))
+    assert [len(x["keys"]) for x in last] == [4, 4, 2]
+
+
+def _orders(d, seed, epochs=2):
+    keys = [k for b in shards.iter_batches(d, batch_size=5, shuffle=50, seed=seed, epochs=epochs) for k in b["keys"]]
+    return [keys[i * 20:(i + 1) * 20] for i in range(epochs)]
+
+
+def test_iter_batches_reshuffles_per_epoch_deterministically(tmp_path):
+    shards.write_shards(make_samples(20, size=2), tmp_path / "d", per_shard=7)
+    e0, e1 = _orders(tmp_path / "d", seed=3)
+    all_keys = sorted(f"s{i:04d}" for i in range(20))
+    assert sorted(e0) == all_keys and sorted(e1) == all_keys  # each epoch is a permutation
+    assert e0 != all_keys  # shuffled
+    assert e0 != e1  # reshuffled per epoch
+    assert _orders(tmp_path / "d", seed=3) == [e0, e1]  # same seed -> same order
+    assert _orders(tmp_path / "d", seed=4) != [e0, e1]
+
+
+def test_iter_batches_infinite(tmp_path):
+    shards.write_shards(make_samples(6, size=2), tmp_path / "d", per_shard=6)
+    it = shards.iter_batches(tmp_path / "d", batch_size=4, shuffle=0, epochs=None)
+    got = [next(it)["keys"] for _ in range(3)]
+    assert got == [["s0000", "s0001", "s0002", "s0003"]] * 3
+
+
+def test_load_all_limit(dataset):
+    d, samples, _ = dataset
+    b = shards.load_all(d, limit=5)
+    assert b["keys"] == [s[0] for s in samples[:5]]
+    assert b["images"].shape == (5, 3, 4, 4)

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+
+from clipshield.data import world
+from clipshield.data.world import BASE, SHAPES, SHIFTED, get_world, render, target_caption
+
+
+def test_ten_shape_classes():
+    assert len(SHAPES) == 10
+    assert len(set(SHAPES)) == 10
+
+
+def test_render_is_pure():
+    a_img, a_cap, a_meta = render(BASE, 7, 3, size=32)
+    b_img, b_cap, b_meta = render(BASE, 7, 3, size=32)
+    assert a_img.dtype == np.uint8 and a_img.shape == (32, 32, 3)
+    assert np.array_equal(a_img, b_img)
+    assert a_cap == b_cap
+    assert a_meta == b_meta
+
+
+def test_other_index_or_seed_differs():
+    img0, cap0, _ = render(BASE, 7, 3)
+    img1, _, _ = render(BASE, 7, 4)
+    img2, _, _ = render(BASE, 8, 3)
+    assert not np.array_equal(img0, img1)
+    assert not np.array_equal(img0, img2)
+
+
+def test_image_size_is_respected():
+    img, _, _ = render(BASE, 0, 0, size=20)
+    assert img.shape == (20, 20, 3)
+
+
+@pytest.mark.parametrize("w", [BASE, SHIFTED])
+def test_caption_names_shape_and_colour(w):
+    for i in range(40):
+        _, caption, meta = render(w, 0, i, size=16)
+        assert meta["label"] == SHAPES[meta["class"]]
+        assert meta["label"] in caption
+        assert meta["colour"] in caption
+        assert meta["colour"] in w.colours
+        assert meta["background"] in w.backgrounds
+        assert meta["index"] == i and meta["seed"] == 0
+        assert meta["source"] == f"procedural-{w.name}"
+
+
+def test_all_classes_appear():
+    labels = {render(BASE, 0, i, size=8)[2]["class"] for i in range(200)}
+    assert labels == set(range(10))
+
+
+def test_base_and_shifted_differ():
+    assert set(BASE.colours) != set(SHIFTED.colours)
+    assert set(BASE.templates).isdisjoint(SHIFTED.templates)
+    a, cap_a, _ = render(BASE, 0, 0)
+    b, cap_b, _ = render(SHIFTED, 0, 0)
+    assert not np.array_equal(a, b)
+    # shifted-only colours and backgrounds show up in the shifted world
+    metas = [render(SHIFTED, 0, i, size=8)[2] for i in range(100)]
+    assert any(m["colour"] not in BASE.colours for m in metas)
+    assert any(m["background"] not in BASE.backgrounds for m in metas)
+
+
+def test_get_world():
+    assert get_world("base") is BASE
+    assert get_world("shifted") is SHIFTED
+
+
+def test_unknown_world_lists_valid_ones():
+    with pytest.raises(ValueError) as e:
+        get_world("nope")
+    msg = str(e.value)
+    assert "nope" in msg and "base" in msg and "shifted" in msg
+
+
+def test_shape_is_drawn_in_its_colour():
+    # the foreground colour must be present: some pixel close to the nominal colour
+    img, _, meta = render(BASE, 3, 11, size=32)
+    colour = np.array(BASE.colours[meta["colour"]]) * 255
+    dist = np.abs(img.astype(float) - colour).max(axis=-1)
+    assert (dist < 40).sum() >= 10
+
+
+def test_target_caption_names_target():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        cap = target_caption("banana", rng)
+        assert "banana" in cap
+    assert target_caption("star", np.random.default_rng(5)) == target_caption("star", np.random.default_rng(5))
