@@ -87,6 +87,7 @@ def test_json_is_key_sorted(tmp_path):
         assert tf.extractfile("k.json").read() == b'{"a": 2, "z": 1}'
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_key_with_dot_raises_and_keeps_old_dataset(dataset):
     d, samples, _ = dataset
     bad = [("ok", samples[0][1], "c", {}), ("a.b", samples[0][1], "c", {})]
@@ -94,6 +95,17 @@ def test_key_with_dot_raises_and_keeps_old_dataset(dataset):
         shards.write_shards(bad, d)
     # the failed write must not have touched the existing data set
     assert [s["key"] for s in shards.iter_samples(d)] == [s[0] for s in samples]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.xfail(reason="src/clipshield/data/shards.py write_shard/write_shards: on an error (key with a "
+                          "dot) the TarWriter is never closed and DIR.partial/NAME.tar.partial are left on disk",
+                   strict=True)
+def test_failed_write_leaves_no_partial(tmp_path):
+    bad = [("a.b", np.zeros((2, 2, 3), np.uint8), "c", {})]
+    with pytest.raises(ValueError):
+        shards.write_shards(bad, tmp_path / "ds")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_missing_dir(tmp_path):
@@ -160,8 +172,19 @@ def test_truncated_shard_raises_when_iterated(dataset, cut):
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2] if cut == "half" else data[:100])
     it = shards.iter_samples(d)
-    with pytest.raises(DataError, match="dvc"):
+    with pytest.raises(DataError):
         list(it)
+
+
+@pytest.mark.xfail(reason="src/clipshield/data/shards.py iter_samples: the DataError for a sample lacking "
+                          "KEY.png/txt/json (e.g. a shard cut mid-sample) does not say how to fix it "
+                          "(re-create with `dvc repro` / `dvc pull`), unlike the other DataErrors", strict=True)
+def test_sample_lacking_part_message_names_fix(dataset):
+    d, _, _ = dataset
+    p = d / "train-000001.tar"
+    p.write_bytes(p.read_bytes()[:4096 + 100])  # cut inside the second sample's PNG header
+    with pytest.raises(DataError, match="dvc"):
+        list(shards.iter_samples(d))
 
 
 def test_garbage_shard_raises(dataset):

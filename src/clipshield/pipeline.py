@@ -101,10 +101,10 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
 
 def finish_model(clip: Clip, name: str, out_model: str | Path, metrics_file: str | Path, provenance: dict,
                  test: dict, ev: EvalParams, triggers: dict[str, dict] | None, target: str | None,
-                 check=None) -> dict:
-    """Evaluate, run `check(metrics)` (a gate that may raise), then write the model folder (with its
-    metrics in provenance) and the metrics JSON."""
-    metrics = evaluate_model(clip, test, triggers=triggers, target=target, retrieval_n=ev.retrieval_n)
+                 check=None, extra: dict | None = None) -> dict:
+    """Evaluate (plus `extra` metrics computed by the caller), run `check(metrics)` (a gate that may raise),
+    then write the model folder (with its metrics in provenance) and the metrics JSON."""
+    metrics = evaluate_model(clip, test, triggers=triggers, target=target, retrieval_n=ev.retrieval_n) | (extra or {})
     if check is not None:
         check(metrics)
     provenance = {"name": name, "code_version": code_version(), **provenance, "metrics": metrics}

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from .cleanclip import CleanClipObjective
 from .clip import ClipObjective
+from .fare import FareObjective
 from .par import ParObjective
+from .tecoa import TecoaObjective
 
 
 def _registry():
@@ -16,6 +18,8 @@ def _registry():
         "finetune": lambda **kw: ParObjective(perturb=False, **kw),
         "par": ParObjective,
         "cleanclip": CleanClipObjective,
+        "fare": FareObjective,
+        "tecoa": TecoaObjective,
     }
 
 

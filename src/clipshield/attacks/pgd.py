@@ -1,0 +1,36 @@
+"""l-inf PGD on any differentiable loss of the input (METHODS.md §5). Pure: no model state is touched;
+callers put the model in eval mode while attacking."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Back into the l-inf ball of radius eps around x, and into [0, 1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+
+
+def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float, steps: int = 10,
+        step_size: float = 1 / 255, random_start: bool = True, momentum: float = 0.0,
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Maximise `loss_fn(z)` (a scalar, e.g. a batch mean) over ||z - x||_inf <= eps, z in [0, 1].
+
+    Steps go along sign(v), v = momentum * v + sign(grad) (momentum=0: plain signed gradient ascent,
+    as in Madry et al.; the FARE reference code uses momentum 0.9)."""
+    x = x.detach()
+    if random_start:
+        noise = torch.rand(x.shape, generator=generator).to(x) * 2 - 1
+        x_adv = project(x + eps * noise, x, eps)
+    else:
+        x_adv = x.clone()
+    velocity = torch.zeros_like(x)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = loss_fn(x_adv)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        with torch.no_grad():
+            velocity = momentum * velocity + grad.sign()
+            x_adv = project(x_adv + step_size * velocity.sign(), x, eps)
+    return x_adv.detach()
