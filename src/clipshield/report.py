@@ -26,16 +26,28 @@ def collect(metrics_dir: Path, triggers: list[str]) -> list[dict]:
         m = json.loads(clean_file.read_text())
         for t in triggers:
             rows.append({"model": "clean", "trigger": t, "method": "clean", **m, "asr": m.get(f"asr_{t}")})
+        robust = metrics_dir / "robust-clean.json"
+        if robust.exists():
+            for r in rows:
+                r.update(json.loads(robust.read_text()))
     for t in triggers:
         for method in METHOD_ORDER:
             f = metrics_dir / f"{method}-{t}.json"
             if f.exists():
                 rows.append({"model": f"{method}-{t}", "trigger": t, "method": method, **json.loads(f.read_text())})
+    for f in sorted(metrics_dir.glob("*.json")):  # robust fine-tunes: fare-<start>, tecoa-<start>, ...
+        if f.stem.split("-")[0] in ("fare", "fare2", "tecoa"):
+            m = json.loads(f.read_text())
+            start = f.stem.split("-", 1)[1]
+            trigger = next((t for t in triggers if start.endswith(t)), None)
+            rows.append({"model": f.stem, "trigger": trigger or "-", "method": f.stem.split("-")[0], **m,
+                         "asr": m.get("asr")})
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = ("model", "zeroshot_top1", "asr", "asr_all", "retrieval_asr", "i2t_r5", "t2i_r5")
+    cols = ("model", "zeroshot_top1", "asr", "asr_all", "retrieval_asr", "i2t_r5", "t2i_r5",
+            "robust_top1_eps2", "robust_top1_eps4", "distortion_clean", "distortion_adv")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     seen = set()
     for r in rows:
@@ -50,10 +62,10 @@ def markdown_table(rows: list[dict]) -> str:
 
 def asr_vs_accuracy(rows: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    markers = {"clean": "*", "backdoor": "X", "finetune": "o", "cleanclip": "s", "par": "D"}
-    colours = {t: f"C{i}" for i, t in enumerate(dict.fromkeys(r["trigger"] for r in rows))}
+    markers = {"clean": "*", "backdoor": "X", "finetune": "o", "cleanclip": "s", "par": "D", "fare": "P"}
+    colours = {t: f"C{i}" for i, t in enumerate(dict.fromkeys(r["trigger"] for r in rows if r["trigger"] != "-"))}
     for r in rows:
-        if r.get("asr") is None:
+        if r.get("asr") is None or r["trigger"] not in colours:
             continue
         ax.scatter(100 * r["zeroshot_top1"], 100 * r["asr"], marker=markers.get(r["method"], "o"),
                    color=colours[r["trigger"]], s=70, edgecolor="black", linewidth=0.5)

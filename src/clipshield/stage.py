@@ -16,7 +16,8 @@ def run(work) -> None:
     try:
         work()
     except EXPECTED as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        # One unwrapped line, no markup: messages quote params and lists verbatim.
+        console.print(f"error: {e}", style="bold red", highlight=False, soft_wrap=True, markup=False)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted:[/] no output was replaced (outputs are written atomically)")

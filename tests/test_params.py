@@ -1,0 +1,152 @@
+import pytest
+import yaml
+
+from clipshield.params import (AttackParams, CleanParams, PretrainParams, ParamsError, TrainParams, apply_profile,
+                               deep_merge, load_section, objective_options, parse, read_yaml)
+
+OK = {"steps": 10, "batch_size": 4, "lr": 0.1}
+
+
+def test_parse_ok_with_defaults():
+    p = parse(TrainParams, OK, "clean")
+    assert (p.steps, p.batch_size, p.lr, p.warmup, p.schedule, p.weight_decay) == (10, 4, 0.1, 0, "cosine", 0.1)
+
+
+def test_int_accepted_for_float():
+    p = parse(TrainParams, {**OK, "lr": 1, "weight_decay": 0}, "clean")
+    assert p.lr == 1.0 and isinstance(p.lr, float)
+    assert isinstance(p.weight_decay, float)
+
+
+def test_missing_key_named():
+    with pytest.raises(ParamsError, match=r"`clean\.steps`"):
+        parse(TrainParams, {"batch_size": 4, "lr": 0.1}, "clean")
+
+
+def test_unknown_key_did_you_mean():
+    with pytest.raises(ParamsError) as e:
+        parse(TrainParams, {**OK, "stpes": 3}, "clean")
+    msg = str(e.value)
+    assert "clean.stpes" in msg and "did you mean `clean.steps`" in msg
+
+
+def test_unknown_key_without_near_match_lists_keys():
+    with pytest.raises(ParamsError) as e:
+        parse(TrainParams, {**OK, "zzzzzz": 3}, "clean")
+    assert "clean.zzzzzz" in str(e.value) and "known keys" in str(e.value) and "batch_size" in str(e.value)
+
+
+@pytest.mark.parametrize("key, value", [("steps", "ten"), ("steps", 2.5), ("steps", True), ("lr", "fast"),
+                                        ("lr", True), ("schedule", 3)])
+def test_wrong_type_named(key, value):
+    with pytest.raises(ParamsError) as e:
+        parse(TrainParams, {**OK, key: value}, "clean")
+    assert f"clean.{key}" in str(e.value) and repr(value) in str(e.value)
+
+
+def test_optional_and_list_and_dict_types():
+    p = parse(PretrainParams, {**OK, "pretrained": None}, "pretrain")
+    assert p.pretrained is None and p.model == "tiny-rn"
+    assert parse(PretrainParams, {**OK, "pretrained": "openai"}, "pretrain").pretrained == "openai"
+    with pytest.raises(ParamsError, match="pretrain.pretrained"):
+        parse(PretrainParams, {**OK, "pretrained": 3}, "pretrain")
+    a = parse(AttackParams, {"triggers": ["blended"], "target": "star", "options": {"blended": {"alpha": 0.2}}}, "attack")
+    assert a.triggers == ["blended"]
+    with pytest.raises(ParamsError, match=r"attack\.triggers\[1\]"):
+        parse(AttackParams, {"triggers": ["blended", 3], "target": "star", "options": {}}, "attack")
+    with pytest.raises(ParamsError, match="attack.triggers"):
+        parse(AttackParams, {"triggers": "blended", "target": "star", "options": {}}, "attack")
+    with pytest.raises(ParamsError, match="attack.options"):
+        parse(AttackParams, {"triggers": [], "target": "star", "options": [1]}, "attack")
+
+
+def test_default_factory_not_shared():
+    a = parse(CleanParams, OK, "clean")
+    b = parse(CleanParams, OK, "clean")
+    assert a.methods == ["finetune", "cleanclip", "par"]
+    a.methods.append("x")
+    assert b.methods == ["finetune", "cleanclip", "par"]
+
+
+def test_section_not_a_mapping():
+    with pytest.raises(ParamsError, match="clean"):
+        parse(TrainParams, [1, 2], "clean")
+
+
+def test_read_yaml_errors(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        read_yaml(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        read_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="mapping"):
+        read_yaml(tmp_path / "list.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    assert read_yaml(tmp_path / "empty.yaml") == {}
+
+
+def test_load_section(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"clean": {**OK, "lr": 1}}))
+    assert load_section(TrainParams, "clean", path).lr == 1.0
+    with pytest.raises(ParamsError, match="`backdoor`"):
+        load_section(TrainParams, "backdoor", path)
+
+
+def test_deep_merge_hand():
+    base = {"a": {"x": 1, "y": 2, "n": {"p": 1, "q": 2}}, "b": 3, "c": [1, 2]}
+    over = {"a": {"y": 5, "z": 6, "n": {"q": 9}}, "c": [7], "d": {"k": 1}}
+    merged = deep_merge(base, over)
+    assert merged == {"a": {"x": 1, "y": 5, "z": 6, "n": {"p": 1, "q": 9}}, "b": 3, "c": [7], "d": {"k": 1}}
+    assert base == {"a": {"x": 1, "y": 2, "n": {"p": 1, "q": 2}}, "b": 3, "c": [1, 2]}  # inputs untouched
+
+
+def test_apply_profile_deep_merges_and_writes(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("data: {train_n: 100, seed: 0}\npretrain: {steps: 5, lr: 0.1}\npoison: {rate: 0.05}\n")
+    profile = tmp_path / "small.yaml"
+    profile.write_text("data: {train_n: 10}\npretrain: {model: smoke-rn}\nextra: {k: 1}\n")
+    merged = apply_profile(profile, params)
+    expected = {"data": {"train_n": 10, "seed": 0}, "pretrain": {"steps": 5, "lr": 0.1, "model": "smoke-rn"},
+                "poison": {"rate": 0.05}, "extra": {"k": 1}}
+    assert merged == expected
+    assert yaml.safe_load(params.read_text()) == expected
+    # section order of params.yaml is kept
+    assert list(yaml.safe_load(params.read_text())) == ["data", "pretrain", "poison", "extra"]
+
+
+def test_apply_profile_missing_lists_available(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "smoke.yaml").write_text("a: 1\n")
+    (tmp_path / "params.yaml").write_text("a: 0\n")
+    with pytest.raises(ParamsError) as e:
+        apply_profile(tmp_path / "profiles" / "nope.yaml", tmp_path / "params.yaml")
+    assert "smoke" in str(e.value)
+    assert (tmp_path / "params.yaml").read_text() == "a: 0\n"
+
+
+def test_objective_options():
+    assert objective_options("par", {"eps": 1.0, "noise_p": 0.5}) == {"eps": 1.0, "noise_p": 0.5}
+    with pytest.raises(ParamsError, match=r"did you mean `par\.eps`"):
+        objective_options("par", {"epss": 1.0})
+    with pytest.raises(ParamsError, match="valid methods"):
+        objective_options("nope", {})
+
+
+@pytest.mark.xfail(reason="src/clipshield/params.py:180 objective_options: `finetune` (objectives/__init__.py:18) is registered as a lambda, "
+                          "so its params section is not checked; a typo reaches build_objective as a TypeError",
+                   strict=True)
+def test_objective_options_checks_finetune():
+    with pytest.raises(ParamsError, match="finetune.noise_pp"):
+        objective_options("finetune", {"noise_pp": 0.5})
+
+
+def test_repo_params_yaml_parses():
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "params.yaml"
+    data = read_yaml(path)
+    parse(PretrainParams, data["pretrain"], "pretrain")
+    parse(CleanParams, data["clean"], "clean")
+    parse(AttackParams, data["attack"], "attack")

@@ -1,0 +1,96 @@
+"""PGD, FARE, TeCoA and the worst-case robust evaluation, on tensors whose answer is known."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipshield.attacks.pgd import pgd, project
+from clipshield.models import create, frozen_copy
+from clipshield.objectives import build_objective
+from clipshield.objectives.fare import fare_loss
+from clipshield.robust import embedding_distortion, robust_accuracy
+
+
+def test_pgd_on_a_linear_loss_reaches_the_analytic_optimum():
+    torch.manual_seed(0)
+    w = torch.randn(2, 3, 8, 8)
+    x = torch.rand(2, 3, 8, 8) * 0.5 + 0.25  # far enough from 0 and 1 that the box never binds
+    eps = 4 / 255
+    x_adv = pgd(lambda z: (w * z).sum(), x, eps, steps=20, step_size=1 / 255, random_start=True)
+    # max of <w, z> over the l-inf ball: z = x + eps * sign(w)
+    assert torch.allclose(x_adv - x, eps * w.sign(), atol=1e-6)
+
+
+def test_pgd_with_momentum_also_reaches_it_and_never_leaves_the_ball():
+    torch.manual_seed(1)
+    w = torch.randn(4, 3, 8, 8)
+    x = torch.rand(4, 3, 8, 8)  # values near 0 and 1: the [0,1] box binds
+    eps = 8 / 255
+    x_adv = pgd(lambda z: (w * z).sum(), x, eps, steps=30, step_size=2 / 255, momentum=0.9)
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert torch.allclose(x_adv, project(x + eps * w.sign(), x, eps), atol=1e-6)
+
+
+def test_fare_loss_is_the_mean_squared_l2_distance():
+    a = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    b = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    # (1 + 4) and (9 + 16), averaged over the batch
+    assert fare_loss(a, b).item() == pytest.approx((5 + 25) / 2)
+
+
+def _batch(n=8, labels=True):
+    torch.manual_seed(0)
+    return {"images": torch.rand(n, 3, 32, 32), "captions": ["a photo of a red star."] * n,
+            "labels": torch.arange(n) % 10 if labels else torch.full((n,), -1)}
+
+
+@pytest.mark.parametrize("method", ["fare", "tecoa"])
+def test_only_vision_parameters_change(method):
+    clip = create("smoke-rn", seed=0)
+    frozen = frozen_copy(clip)
+    objective = build_objective(method, steps=2)
+    params = dict(objective.trainable(clip))
+    assert params and all(n.startswith("visual.") for n in params)
+    before = {n: p.detach().clone() for n, p in clip.model.named_parameters()}
+    opt = torch.optim.SGD([p for p in params.values()], lr=0.1)
+    loss, _ = objective(_batch(), clip, frozen)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in clip.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("visual.") for n in changed)
+
+
+def test_fare_loss_is_zero_at_the_start_without_attack_and_positive_under_attack():
+    clip = create("smoke-rn", seed=0)
+    frozen = frozen_copy(clip)
+    no_attack = build_objective("fare", eps=0.0, steps=1)
+    loss, _ = no_attack(_batch(), clip, frozen)
+    clip.model.eval()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    attacked, _ = build_objective("fare", eps=8.0, steps=3)(_batch(), clip, frozen)
+    assert attacked.item() > 1e-4
+
+
+def test_tecoa_refuses_unlabelled_data():
+    clip = create("smoke-rn", seed=0)
+    with pytest.raises(ValueError, match="labels"):
+        build_objective("tecoa", steps=1)(_batch(labels=False), clip, frozen_copy(clip))
+
+
+def test_robust_accuracy_is_at_most_clean_accuracy_and_attacks_stay_in_the_ball():
+    clip = create("smoke-rn", seed=0)
+    batch = _batch(16)
+    eps = 4 / 255
+    res = robust_accuracy(clip, batch["images"], batch["labels"], eps, steps=3)
+    assert res["max_perturbation"] <= eps + 1e-6
+    zero = robust_accuracy(clip, batch["images"], batch["labels"], 0.0, steps=1)
+    assert res["robust_top1"] <= zero["robust_top1"]
+
+
+def test_distortion_of_a_model_against_itself_is_zero_clean():
+    clip = create("smoke-rn", seed=0)
+    d = embedding_distortion(clip, frozen_copy(clip), torch.rand(8, 3, 32, 32), eps=4 / 255, steps=2)
+    assert d["distortion_clean"] == pytest.approx(0.0, abs=1e-8)
+    assert d["distortion_adv"] > 0
