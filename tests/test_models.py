@@ -60,9 +60,6 @@ def test_create_unknown_names_tiny_configs(counted_register):
         assert name in msg
 
 
-@pytest.mark.xfail(reason="src/clipshield/models.py:82 create(): `n in register_configs()` inside the list "
-                          "comprehension re-registers (and open_clip rescans) all configs once per known model, "
-                          "~150 times: the unknown-name error takes 10-20 s", strict=True)
 def test_create_unknown_registers_configs_once(counted_register):
     with pytest.raises(ModelError):
         models.create("no-such-model")

@@ -135,9 +135,6 @@ def test_objective_options():
         objective_options("nope", {})
 
 
-@pytest.mark.xfail(reason="src/clipshield/params.py:180 objective_options: `finetune` (objectives/__init__.py:18) is registered as a lambda, "
-                          "so its params section is not checked; a typo reaches build_objective as a TypeError",
-                   strict=True)
 def test_objective_options_checks_finetune():
     with pytest.raises(ParamsError, match="finetune.noise_pp"):
         objective_options("finetune", {"noise_pp": 0.5})

@@ -70,7 +70,7 @@ def test_fare_loss_is_zero_at_the_start_without_attack_and_positive_under_attack
     clip.model.eval()
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     attacked, _ = build_objective("fare", eps=8.0, steps=3)(_batch(), clip, frozen)
-    assert attacked.item() > 1e-4
+    assert attacked.item() > 100 * max(loss.item(), 1e-12)
 
 
 def test_tecoa_refuses_unlabelled_data():

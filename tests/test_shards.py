@@ -98,9 +98,6 @@ def test_key_with_dot_raises_and_keeps_old_dataset(dataset):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.xfail(reason="src/clipshield/data/shards.py:45-48,66-77 write_shard/write_shards: on an error (key with a "
-                          "dot) the TarWriter is never closed and DIR.partial/NAME.tar.partial are left on disk",
-                   strict=True)
 def test_failed_write_leaves_no_partial(tmp_path):
     bad = [("a.b", np.zeros((2, 2, 3), np.uint8), "c", {})]
     with pytest.raises(ValueError):
@@ -145,9 +142,6 @@ def test_empty_dataset_raises(tmp_path):
         list(shards.iter_samples(d))
 
 
-@pytest.mark.xfail(reason="src/clipshield/data/shards.py:98 shard_paths: the empty-data-set DataError "
-                          "('... holds no samples') does not say how to fix it, unlike the other DataErrors",
-                   strict=True)
 def test_empty_dataset_message_names_fix(tmp_path):
     d = tmp_path / "empty"
     d.mkdir()
@@ -156,8 +150,6 @@ def test_empty_dataset_message_names_fix(tmp_path):
         shards.shard_paths(d)
 
 
-@pytest.mark.xfail(reason="src/clipshield/data/shards.py:92 shard_paths: a corrupt sizes.json raises "
-                          "json.JSONDecodeError instead of DataError", strict=True)
 def test_corrupt_sizes_json(dataset):
     d, _, _ = dataset
     (d / "sizes.json").write_text("{not json")
@@ -176,9 +168,6 @@ def test_truncated_shard_raises_when_iterated(dataset, cut):
         list(it)
 
 
-@pytest.mark.xfail(reason="src/clipshield/data/shards.py:124 iter_samples: the DataError for a sample lacking "
-                          "KEY.png/txt/json (e.g. a shard cut mid-sample) does not say how to fix it "
-                          "(re-create with `dvc repro` / `dvc pull`), unlike the other DataErrors", strict=True)
 def test_sample_lacking_part_message_names_fix(dataset):
     d, _, _ = dataset
     p = d / "train-000001.tar"
@@ -194,9 +183,6 @@ def test_garbage_shard_raises(dataset):
         list(shards.iter_samples(d))
 
 
-@pytest.mark.xfail(reason="src/clipshield/data/shards.py:119 iter_samples: a shard truncated at a sample "
-                          "boundary (or with a corrupt member header, which tarfile treats as end of "
-                          "archive) silently yields fewer samples than sizes.json lists", strict=True)
 def test_shard_truncated_at_sample_boundary_raises(dataset):
     d, _, _ = dataset
     p = d / "train-000000.tar"

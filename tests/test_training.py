@@ -230,10 +230,6 @@ def test_no_trainable_parameters():
         train(clip, Empty(), repeat(fixed_batch()), TrainConfig(steps=1, lr=1e-3))
 
 
-@pytest.mark.xfail(reason="src/clipshield/training.py:96 sets clip.model.train() while the frozen f^0 stays in "
-                          "eval mode: for ResNet configs BatchNorm then uses batch statistics in f_I and running "
-                          "statistics in f_I^0, so S_I != 0 with identical weights (1.59 for smoke-rn at init)",
-                   strict=True)
 def test_par_s_i_is_zero_before_any_update_resnet():
     clip = models.create("smoke-rn", seed=0)
     frozen = models.frozen_copy(clip)

@@ -78,10 +78,9 @@ def create(name: str, pretrained: str | None = None, seed: int = 0) -> Clip:
         return load(name)
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        known = sorted(open_clip.list_models())
-        tiny = [n for n in known if n in register_configs()]
+        tiny = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
         raise ModelError(f"unknown model config {name!r}; clipshield's tiny configs: {tiny}; "
-                         f"open_clip also knows e.g. ViT-B-32, RN50 ({len(known)} in all)")
+                         f"open_clip also knows e.g. ViT-B-32, RN50 ({len(open_clip.list_models())} in all)")
     torch.manual_seed(seed)
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that a random init has no weights

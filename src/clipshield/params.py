@@ -177,9 +177,10 @@ def objective_options(name: str, options: dict) -> dict:
     factory = _registry().get(name)
     if factory is None:
         raise ParamsError(f"unknown method {name!r}; valid methods: {', '.join(_registry())}")
-    target = factory.__init__ if isinstance(factory, type) else None
-    if target is not None:
-        allowed = [p for p in inspect.signature(target).parameters if p != "self"]
+    bound = set(getattr(factory, "keywords", None) or {})
+    cls = getattr(factory, "func", factory)
+    if isinstance(cls, type):
+        allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self" and p not in bound]
         for key in options:
             if key not in allowed:
                 near = difflib.get_close_matches(key, allowed, n=1)

@@ -59,6 +59,17 @@ def param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: flo
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def set_train_mode(model: torch.nn.Module, train_batchnorm: bool = True) -> None:
+    """Train mode; with `train_batchnorm=False` batch-norm layers keep using (and keep) their running
+    statistics, so a fine-tuned ResNet tower equals its frozen start copy f^0 until its weights move
+    (otherwise S_I of PAR and FARE's loss are not zero at step 0)."""
+    model.train()
+    if not train_batchnorm:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -93,7 +104,7 @@ def train(clip: Clip, objective, batches: Iterator[dict], cfg: TrainConfig, froz
                 batch["images"] = batch["images"].to(device, non_blocking=True)
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, cfg)
-                clip.model.train()
+                set_train_mode(clip.model, getattr(objective, "train_batchnorm", True))
                 loss, logs = objective(batch, clip, frozen)
                 if not torch.isfinite(loss):
                     raise TrainingError(

@@ -32,7 +32,7 @@ def encode_png(img: np.ndarray) -> bytes:
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def write_shard(path: str | Path, samples: Iterable[tuple[str, np.ndarray, str, dict]]) -> int:
@@ -41,17 +41,22 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, np.ndarray, str, 
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     n = 0
-    with open(tmp, "wb") as f:
-        writer = wds.TarWriter(f, mtime=0, user="clipshield", group="clipshield")
-        for key, img, caption, meta in samples:
-            if "." in key:
-                raise ValueError(f"sample key {key!r} contains a dot; webdataset splits keys at dots")
-            png = img if isinstance(img, bytes) else encode_png(img)  # bytes: an already encoded PNG
-            writer.write({"__key__": key, "png": png, "txt": caption.encode(),
-                          "json": json.dumps(meta, sort_keys=True).encode()})
-            n += 1
-        writer.close()
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            writer = wds.TarWriter(f, mtime=0, user="clipshield", group="clipshield")
+            try:
+                for key, img, caption, meta in samples:
+                    if "." in key:
+                        raise ValueError(f"sample key {key!r} contains a dot; webdataset splits keys at dots")
+                    png = img if isinstance(img, bytes) else encode_png(img)  # bytes: an already encoded PNG
+                    writer.write({"__key__": key, "png": png, "txt": caption.encode(),
+                                  "json": json.dumps(meta, sort_keys=True).encode()})
+                    n += 1
+            finally:
+                writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return n
 
 
@@ -68,12 +73,16 @@ def write_shards(samples: Iterable[tuple[str, np.ndarray, str, dict]], out_dir: 
     tmp.mkdir(parents=True)
     sizes: dict[str, int] = {}
     it = iter(samples)
-    while chunk := list(itertools.islice(it, per_shard)):
-        name = f"{prefix}-{len(sizes):06d}.tar"
-        sizes[name] = write_shard(tmp / name, chunk)
-    if not sizes:
-        raise DataError(f"no samples to write to {out_dir}")
-    write_sizes(tmp, sizes)
+    try:
+        while chunk := list(itertools.islice(it, per_shard)):
+            name = f"{prefix}-{len(sizes):06d}.tar"
+            sizes[name] = write_shard(tmp / name, chunk)
+        if not sizes:
+            raise DataError(f"no samples to write to {out_dir}")
+        write_sizes(tmp, sizes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # an existing data set at out_dir stays as it was
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return sizes
@@ -89,19 +98,29 @@ def shard_paths(data_dir: str | Path) -> list[str]:
     if not sizes_file.exists():
         raise DataError(f"{data_dir} has no sizes.json; it is not a complete clipshield data set "
                         f"(re-create it with `dvc repro` or `clipshield data`)")
-    sizes = json.loads(sizes_file.read_text())
+    try:
+        sizes = json.loads(sizes_file.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{sizes_file} is corrupt ({e}); re-create the data set (`dvc repro`) "
+                        f"or restore it (`dvc pull`)") from e
     missing = [n for n in sizes if not (data_dir / n).is_file()]
     if missing:
         raise DataError(f"{data_dir} lacks shards listed in sizes.json: {missing[:3]}; "
                         f"re-create it (`dvc repro`) or restore it (`dvc pull`)")
     if sum(sizes.values()) == 0:
-        raise DataError(f"{data_dir} holds no samples")
+        raise DataError(f"{data_dir} holds no samples; re-create it (`dvc repro`) or restore it (`dvc pull`)")
     return [str(data_dir / n) for n in sorted(sizes)]
 
 
+def shard_sizes(data_dir: str | Path) -> dict[str, int]:
+    """sizes.json as {shard path: sample count}, after the checks of `shard_paths`."""
+    paths = shard_paths(data_dir)
+    sizes = json.loads((Path(data_dir) / "sizes.json").read_text())
+    return {p: sizes[Path(p).name] for p in paths}
+
+
 def num_samples(data_dir: str | Path) -> int:
-    shard_paths(data_dir)
-    return sum(json.loads((Path(data_dir) / "sizes.json").read_text()).values())
+    return sum(shard_sizes(data_dir).values())
 
 
 def _corrupt(exn: Exception) -> bool:
@@ -111,18 +130,27 @@ def _corrupt(exn: Exception) -> bool:
 
 def iter_samples(data_dir: str | Path, shuffle: int = 0, seed: int = 0, decode: bool = True) -> Iterator[dict]:
     """Stream samples: {"key", "image" (uint8 HxWx3, or the PNG bytes if not `decode`), "caption", "meta"}."""
-    urls = shard_paths(data_dir)
+    expected = shard_sizes(data_dir)
+    urls = list(expected)
     ds = wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False, seed=seed,
                         empty_check=False, handler=_corrupt)
     if shuffle:
         ds = ds.shuffle(shuffle, seed=seed)
+    seen = dict.fromkeys(urls, 0)
     for s in ds:
         try:
-            yield {"key": s["__key__"], "image": decode_png(s["png"]) if decode else s["png"], "caption": s["txt"].decode(),
-                   "meta": json.loads(s["json"])}
+            sample = {"key": s["__key__"], "image": decode_png(s["png"]) if decode else s["png"],
+                      "caption": s["txt"].decode(), "meta": json.loads(s["json"])}
         except KeyError as e:
-            raise DataError(f"sample {s.get('__key__')} in {data_dir} lacks {e}; shards must hold "
-                            f"KEY.png, KEY.txt and KEY.json") from e
+            raise DataError(f"sample {s.get('__key__')} in {data_dir} lacks {e} (a truncated shard?); shards "
+                            f"hold KEY.png, KEY.txt and KEY.json: re-create (`dvc repro`) or restore (`dvc pull`)") from e
+        seen[s["__url__"]] = seen.get(s["__url__"], 0) + 1
+        yield sample
+    short = {Path(u).name: (seen.get(u, 0), n) for u, n in expected.items() if seen.get(u, 0) != n}
+    if short:
+        raise DataError(f"shards of {data_dir} hold other sample counts than sizes.json says "
+                        f"(read, expected): {short}; a shard is truncated or corrupt: re-create the data set "
+                        f"(`dvc repro`) or restore it (`dvc pull`)")
 
 
 def collate(samples: list[dict]) -> dict:

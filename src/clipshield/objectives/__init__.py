@@ -5,6 +5,8 @@ An objective is `objective(batch, clip, frozen) -> (loss, logs)` with `trainable
 """
 from __future__ import annotations
 
+import functools
+
 from .cleanclip import CleanClipObjective
 from .clip import ClipObjective
 from .fare import FareObjective
@@ -15,7 +17,7 @@ from .tecoa import TecoaObjective
 def _registry():
     return {
         "clip": ClipObjective,
-        "finetune": lambda **kw: ParObjective(perturb=False, **kw),
+        "finetune": functools.partial(ParObjective, perturb=False),
         "par": ParObjective,
         "cleanclip": CleanClipObjective,
         "fare": FareObjective,

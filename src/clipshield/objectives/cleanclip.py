@@ -11,6 +11,7 @@ from .clip import ClipObjective, clip_loss
 
 class CleanClipObjective(ClipObjective):
     name = "cleanclip"
+    train_batchnorm = False
 
     def __init__(self, weight: float = 1.0, seed: int = 0):
         super().__init__(fix_logit_scale=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..attacks.pgd import pgd
+from ..training import set_train_mode
 
 
 def fare_loss(adv_features: torch.Tensor, clean_target: torch.Tensor) -> torch.Tensor:
@@ -14,6 +15,7 @@ def fare_loss(adv_features: torch.Tensor, clean_target: torch.Tensor) -> torch.T
 class FareObjective:
     name = "fare"
     needs_frozen = True
+    train_batchnorm = False
 
     def __init__(self, eps: float = 4.0, steps: int = 10, step_size: float = 1.0, momentum: float = 0.9):
         """eps and step_size in 1/255 units (eps 4 = FARE^4)."""
@@ -29,6 +31,6 @@ class FareObjective:
         clip.model.eval()  # attack in eval mode (no batch-norm statistics updates)
         x_adv = pgd(lambda z: fare_loss(clip.encode_images(z), target), x, self.eps, self.steps,
                     self.step_size, momentum=self.momentum)
-        clip.model.train()
+        set_train_mode(clip.model, train_batchnorm=False)
         loss = fare_loss(clip.encode_images(x_adv), target)
         return loss, {"fare_loss": loss.detach()}

@@ -26,6 +26,7 @@ def par_loss(img, txt, img0, txt0, logit_scale, eps: float) -> tuple[torch.Tenso
 class ParObjective(ClipObjective):
     """Both towers trained; logit scale fixed at the start model's value; f^0 = frozen start model."""
     name = "par"
+    train_batchnorm = False  # fine-tuning: batch-norm statistics stay those of the start model
     needs_frozen = True
 
     def __init__(self, eps: float = 2.15, perturb: bool = True, noise_p: float = 0.5, noise_std: float = 0.2,

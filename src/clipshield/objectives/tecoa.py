@@ -6,11 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks.pgd import pgd
+from ..training import set_train_mode
 
 
 class TecoaObjective:
     name = "tecoa"
     needs_frozen = True
+    train_batchnorm = False
 
     def __init__(self, eps: float = 4.0, steps: int = 10, step_size: float = 1.0, momentum: float = 0.0):
         self.eps, self.steps, self.step_size, self.momentum = eps / 255, steps, step_size / 255, momentum
@@ -32,6 +34,6 @@ class TecoaObjective:
         clip.model.eval()
         x_adv = pgd(lambda z: F.cross_entropy(self.logits(clip, z), y), x, self.eps, self.steps, self.step_size,
                     momentum=self.momentum)
-        clip.model.train()
+        set_train_mode(clip.model, train_batchnorm=False)
         loss = F.cross_entropy(self.logits(clip, x_adv), y)
         return loss, {"tecoa_ce": loss.detach()}
