@@ -101,7 +101,7 @@ def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") 
         available = sorted(p.stem for p in Path("profiles").glob("*.yaml"))
         raise ParamsError(f"profile {profile} not found; available: {', '.join(available)}")
     merged = deep_merge(read_yaml(params_path), read_yaml(profile))
-    Path(params_path).write_text(yaml.safe_dump(merged, sort_keys=False, default_flow_style=None))
+    Path(params_path).write_text(yaml.safe_dump(merged, sort_keys=False, default_flow_style=False))
     return merged
 
 
