@@ -25,7 +25,8 @@ def collect(metrics_dir: Path, triggers: list[str]) -> list[dict]:
     if clean_file.exists():
         m = json.loads(clean_file.read_text())
         for t in triggers:
-            rows.append({"model": "clean", "trigger": t, "method": "clean", **m, "asr": m.get(f"asr_{t}")})
+            rows.append({"model": "clean", "trigger": t, "method": "clean", **m, "asr": m.get(f"asr_{t}"),
+                         "asr_all": m.get(f"asr_all_{t}"), "retrieval_asr": m.get(f"retrieval_asr_{t}")})
         robust = metrics_dir / "robust-clean.json"
         if robust.exists():
             for r in rows:
