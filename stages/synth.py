@@ -11,6 +11,7 @@ import sys
 import yaml
 
 from clipshield.data.synth import generate
+from clipshield.params import check_params
 
 OUT = "data/synth"
 
@@ -21,6 +22,7 @@ def main() -> int:
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     try:
+        check_params("params.yaml")
         r = generate(params.get("synth"), OUT, rank, world_size)
     except ValueError as e:  # bad params or data: one clear line, no traceback
         print(f"synth: error: {e}", file=sys.stderr)

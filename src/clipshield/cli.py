@@ -28,7 +28,7 @@ def _section(cls, name: str, path: Path):
 def data(params: ParamsFile = Path("params.yaml")):
     """Write the procedural world's train and test shards (data/train, data/test)."""
     from .pipeline import make_data
-    run(lambda: make_data(_section(P.DataParams, "data", params)))
+    run(lambda: make_data(_section(P.DataParams, "data", params)), params)
 
 
 @app.command()
@@ -36,7 +36,7 @@ def pretrain(params: ParamsFile = Path("params.yaml")):
     """Pre-train a tiny CLIP on data/train, evaluate it, write models/clean and metrics/clean.json."""
     from .pipeline import pretrain as work
     run(lambda: work(_section(P.PretrainParams, "pretrain", params), _section(P.EvalParams, "eval", params),
-                     _section(P.AttackParams, "attack", params)))
+                     _section(P.AttackParams, "attack", params)), params)
 
 
 @app.command()
@@ -44,7 +44,7 @@ def poison(trigger: Annotated[str, typer.Argument(help="trigger name (see `clips
            params: ParamsFile = Path("params.yaml")):
     """Poison data/train with TRIGGER -> data/poisoned/TRIGGER (+ manifest.jsonl)."""
     from .pipeline import poison as work
-    run(lambda: work(trigger, _section(P.AttackParams, "attack", params), _section(P.PoisonParams, "poison", params)))
+    run(lambda: work(trigger, _section(P.AttackParams, "attack", params), _section(P.PoisonParams, "poison", params)), params)
 
 
 @app.command()
@@ -52,7 +52,7 @@ def backdoor(trigger: Annotated[str, typer.Argument(help="trigger name")], param
     """Fine-tune models/clean on the poisoned shards -> models/backdoor-TRIGGER; fails if ASR < backdoor.min_asr."""
     from .pipeline import backdoor as work
     run(lambda: work(trigger, _section(P.AttackParams, "attack", params), _section(P.PoisonParams, "poison", params),
-                     _section(P.BackdoorParams, "backdoor", params), _section(P.EvalParams, "eval", params)))
+                     _section(P.BackdoorParams, "backdoor", params), _section(P.EvalParams, "eval", params)), params)
 
 
 @app.command()
@@ -61,7 +61,7 @@ def clean(trigger: Annotated[str, typer.Argument(help="trigger whose backdoored 
           params: ParamsFile = Path("params.yaml")):
     """Clean models/backdoor-TRIGGER with METHOD on synthetic pairs -> models/METHOD-TRIGGER."""
     from .pipeline import clean as work
-    run(lambda: work(trigger, method, params))
+    run(lambda: work(trigger, method, params), params)
 
 
 @app.command()
@@ -76,14 +76,14 @@ def evaluate(model: Annotated[str, typer.Option(help="local-dir:PATH, or an open
     """Score any CLIP model: clean zero-shot accuracy, retrieval, and ASR per trigger (trigger strengths
     from params.yaml's attack.options). Prints the metrics as JSON on stdout."""
     from .pipeline import evaluate_any
-    run(lambda: evaluate_any(model, pretrained, trigger, target, test, test_n, params, out))
+    run(lambda: evaluate_any(model, pretrained, trigger, target, test, test_n, params, out), params)
 
 
 @app.command()
 def report(params: ParamsFile = Path("params.yaml"), out: Annotated[Path, typer.Option()] = Path("reports")):
     """Write reports/: the comparison table (markdown), ASR-vs-accuracy plot and trigger gallery."""
     from .report import write_report
-    run(lambda: write_report(_section(P.AttackParams, "attack", params), Path("metrics"), out))
+    run(lambda: write_report(_section(P.AttackParams, "attack", params), Path("metrics"), out), params)
 
 
 @app.command()
@@ -91,7 +91,7 @@ def triggers(out: Annotated[Path, typer.Option(help="PNG gallery to write")] = P
              params: ParamsFile = Path("params.yaml")):
     """List the triggers and draw a gallery of them on test images."""
     from .report import trigger_gallery
-    run(lambda: trigger_gallery(out, _section(P.AttackParams, "attack", params)))
+    run(lambda: trigger_gallery(out, _section(P.AttackParams, "attack", params)), params)
 
 
 @app.command()
@@ -99,7 +99,7 @@ def profile(name: Annotated[str, typer.Argument(help="smoke | full | paper | see
             params: ParamsFile = Path("params.yaml")):
     """Merge profiles/NAME.yaml into params.yaml (then `dvc repro`)."""
     path = Path(name) if name.endswith(".yaml") else Path("profiles") / f"{name}.yaml"
-    run(lambda: (P.apply_profile(path, params), typer.echo(f"params.yaml now uses profile {name}")))
+    run(lambda: (P.apply_profile(path, params), typer.echo(f"params.yaml now uses profile {name}")), params=None)
 
 
 if __name__ == "__main__":

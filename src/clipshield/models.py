@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,13 @@ def create(name: str, pretrained: str | None = None, seed: int = 0) -> Clip:
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that a random init has no weights
     try:
         model = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
+        if pretrained is None:
+            raise
+        why = ("it holds pickled objects other than tensors, which could run code on load: refused"
+               if isinstance(e, pickle.UnpicklingError) else str(e).splitlines()[0])
+        raise ModelError(f"cannot load pretrained weights {pretrained!r} for {name}: {why}; clipshield loads "
+                         f".safetensors files, open_clip tags, or .pt/.bin files that hold tensors only (torch.load(weights_only=True): pickled code is refused)") from e
     finally:
         logging.getLogger().setLevel(level)
     model.eval()

@@ -61,23 +61,35 @@ def _check_type(value, tp, where: str):
 
 def parse(cls, data: dict, section: str):
     """Build dataclass `cls` from params section `data`; every key must be known and well typed."""
+    value, problems = _parse(cls, data, section)
+    if problems:
+        raise ParamsError("; ".join(problems))
+    return value
+
+
+def _parse(cls, data: dict, section: str):
+    """(instance or None, every problem found) for section `data` against dataclass `cls`."""
     if not isinstance(data, dict):
-        raise ParamsError(f"params section `{section}` must be a mapping, got {data!r}")
+        return None, [f"params section `{section}` must be a mapping, got {data!r}"]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    problems = []
     for key in data:
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean `{section}.{near[0]}`?" if near else f"; known keys: {', '.join(fields)}"
-            raise ParamsError(f"unknown param `{section}.{key}` in params.yaml{hint}")
+            problems.append(f"unknown param `{section}.{key}` in params.yaml{hint}")
     values = {}
     for name, f in fields.items():
         if name in data:
-            values[name] = _check_type(data[name], hints[name], f"{section}.{name}")
+            try:
+                values[name] = _check_type(data[name], hints[name], f"{section}.{name}")
+            except ParamsError as e:
+                problems.append(str(e))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ParamsError(f"params.yaml lacks `{section}.{name}`; add it (see README's params table "
-                              f"or profiles/) or restore params.yaml from git")
-    return cls(**values)
+            problems.append(f"params.yaml lacks `{section}.{name}`; add it (see README's params table "
+                            f"or profiles/) or restore params.yaml from git")
+    return (None if problems else cls(**values)), problems
 
 
 def load_section(cls, section: str, path: str | Path = "params.yaml"):
@@ -131,6 +143,7 @@ class TrainParams:
     eval_every: int = 0
     seed: int = 0
     shuffle: int = 2000
+    checkpoint_every: int = 100       # steps between resumable checkpoints (0: none)
 
 
 @dataclasses.dataclass
@@ -187,3 +200,156 @@ def objective_options(name: str, options: dict) -> dict:
                 raise ParamsError(f"unknown param `{name}.{key}`" + (f"; did you mean `{name}.{near[0]}`?" if near
                                   else f"; known: {', '.join(allowed)}"))
     return options
+
+
+@dataclasses.dataclass
+class HardenParams(TrainParams):
+    data: str = "data/train"
+    runs: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+
+# ---- the one schema: every section and its constraints, checked before any stage works ---------
+
+def _sections() -> dict:
+    from .robust import RobustParams
+    return {"data": DataParams, "eval": EvalParams, "pretrain": PretrainParams, "attack": AttackParams,
+            "poison": PoisonParams, "backdoor": BackdoorParams, "clean": CleanParams, "harden": HardenParams,
+            "robust": RobustParams}
+
+
+ROBUST_METHODS = ("fare", "tecoa")
+
+
+def _constraints(v: dict) -> list[str]:
+    """Range and name checks on parsed sections `v` (only those that parsed)."""
+    from .attacks.triggers import TRIGGERS
+    from .data.world import SHAPES, WORLDS
+    out = []
+
+    def need(ok: bool, key: str, value, allowed: str):
+        if not ok:
+            out.append(f"`{key}` = {value!r} is not allowed; {allowed}")
+
+    for name, p in v.items():
+        if isinstance(p, TrainParams):
+            evaluate_only = name == "pretrain" and p.pretrained is not None and p.steps == 0
+            need(p.steps >= 1 or evaluate_only, f"{name}.steps", p.steps, "use a whole number >= 1"
+                 + (" (0 only with pretrained weights: evaluate them as they are)" if name == "pretrain" else ""))
+            need(p.batch_size >= 1, f"{name}.batch_size", p.batch_size, "use a whole number >= 1")
+            need(p.lr > 0, f"{name}.lr", p.lr, "use a learning rate > 0")
+            need(p.warmup >= 0, f"{name}.warmup", p.warmup, "use 0 or more steps")
+            need(p.schedule in ("cosine", "par", "constant"), f"{name}.schedule", p.schedule,
+                 "choose cosine, par or constant")
+            need(p.weight_decay >= 0, f"{name}.weight_decay", p.weight_decay, "use a number >= 0")
+            need(p.grad_clip >= 0, f"{name}.grad_clip", p.grad_clip, "use a number >= 0 (0: no clipping)")
+            need(p.shuffle >= 0, f"{name}.shuffle", p.shuffle, "use a buffer size >= 0")
+            need(p.checkpoint_every >= 0, f"{name}.checkpoint_every", p.checkpoint_every, "use 0 (none) or more steps")
+    if "data" in v:
+        need(v["data"].world in WORLDS, "data.world", v["data"].world, f"choose one of {sorted(WORLDS)}")
+        for k in ("image_size", "train_n", "test_n", "per_shard"):
+            need(getattr(v["data"], k) >= 1, f"data.{k}", getattr(v["data"], k), "use a whole number >= 1")
+    if "eval" in v:
+        for k in ("test_n", "retrieval_n"):
+            need(getattr(v["eval"], k) >= 1, f"eval.{k}", getattr(v["eval"], k), "use a whole number >= 1")
+    if "pretrain" in v:
+        import open_clip
+
+        from . import models  # noqa: F401  (registers clipshield's configs)
+        m = v["pretrain"].model
+        need(m.startswith("local-dir:") or open_clip.get_model_config(m) is not None, "pretrain.model", m,
+             f"use a config from src/clipshield/configs ({', '.join(sorted(models.register_configs()))}), "
+             f"an open_clip name such as ViT-B-32, or local-dir:PATH")
+    if "attack" in v:
+        a = v["attack"]
+        for t in a.triggers:
+            need(t in TRIGGERS, "attack.triggers", t, f"valid triggers: {', '.join(TRIGGERS)}")
+        for t in a.options:
+            need(t in TRIGGERS, "attack.options", t, f"options are keyed by trigger: {', '.join(TRIGGERS)}")
+        need(a.target in SHAPES, "attack.target", a.target, f"choose a class of the world: {', '.join(SHAPES)}")
+    if "poison" in v:
+        need(0 <= v["poison"].rate <= 1, "poison.rate", v["poison"].rate, "use a fraction in [0, 1]")
+    if "backdoor" in v:
+        need(0 <= v["backdoor"].min_asr <= 1, "backdoor.min_asr", v["backdoor"].min_asr, "use a fraction in [0, 1]")
+    if "clean" in v:
+        from .objectives import _registry
+        cleaners = [m for m in _registry() if m not in ("clip", *ROBUST_METHODS)]
+        for m in v["clean"].methods:
+            need(m in cleaners, "clean.methods", m, f"valid cleaning methods: {', '.join(cleaners)}")
+    if "harden" in v:
+        for run, spec in v["harden"].runs.items():
+            method = spec.get("method") if isinstance(spec, dict) else None
+            need(method in ROBUST_METHODS, f"harden.runs.{run}.method", method,
+                 f"choose one of {', '.join(ROBUST_METHODS)}")
+            need(isinstance(spec, dict) and isinstance(spec.get("start"), str), f"harden.runs.{run}.start",
+                 spec.get("start") if isinstance(spec, dict) else spec, "name a model folder under models/")
+    if "robust" in v:
+        for e in v["robust"].eps:
+            need(0 <= e <= 255, "robust.eps", e, "eps is in 1/255 units: use numbers in [0, 255]")
+        need(v["robust"].n >= 1, "robust.n", v["robust"].n, "use a whole number >= 1")
+        need(v["robust"].steps >= 1, "robust.steps", v["robust"].steps, "use a whole number >= 1")
+    return out
+
+
+def _method_problems(raw: dict) -> list[str]:
+    """The objectives' sections (par, finetune, cleanclip, fare, tecoa): known keys, sane values."""
+    from .objectives import _registry
+    out = []
+    for name in _registry():
+        options = raw.get(name)
+        if options is None:
+            continue
+        if not isinstance(options, dict):
+            out.append(f"params section `{name}` must be a mapping, got {options!r}")
+            continue
+        try:
+            objective_options(name, options)
+        except ParamsError as e:
+            out.append(str(e))
+        for key, value in options.items():
+            where = f"{name}.{key}"
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                out.append(f"`{where}` = {value!r} must be a number")
+            elif key in ("eps", "step_size") and name in ROBUST_METHODS and not 0 < value <= 255 and \
+                    not (key == "eps" and value == 0):
+                out.append(f"`{where}` = {value!r} is not allowed; it is in 1/255 units: use a number in [0, 255]")
+            elif key == "eps" and value < 0:
+                out.append(f"`{where}` = {value!r} is not allowed; use a number >= 0")
+            elif key.endswith("_p") and not 0 <= value <= 1:
+                out.append(f"`{where}` = {value!r} is not allowed; a probability is in [0, 1]")
+            elif key in ("steps",) and (value < 1 or not isinstance(value, int)):
+                out.append(f"`{where}` = {value!r} is not allowed; use a whole number >= 1")
+            elif key in ("noise_std", "weight") and value < 0:
+                out.append(f"`{where}` = {value!r} is not allowed; use a number >= 0")
+    return out
+
+
+def validate(raw: dict) -> list[str]:
+    """Every problem of a whole params file at once (empty: valid)."""
+    problems, parsed = [], {}
+    for section, cls in _sections().items():
+        if section not in raw:
+            problems.append(f"params.yaml has no `{section}` section; restore it from git or a profile")
+            continue
+        value, found = _parse(cls, raw[section], section)
+        problems += found
+        if value is not None:
+            parsed[section] = value
+    problems += _constraints(parsed) + _method_problems(raw)
+    if "synth" in raw:
+        from .data.synth import resolve_params
+        try:
+            resolve_params(raw["synth"])
+        except ValueError as e:
+            problems.append(f"synth: {e}")
+    else:
+        problems.append("params.yaml has no `synth` section; restore it from git or a profile")
+    return problems
+
+
+def check_params(path: str | Path = "params.yaml") -> None:
+    """Raise one ParamsError listing every problem of the params file (nothing runs before it passes)."""
+    problems = validate(read_yaml(path))
+    if len(problems) == 1:
+        raise ParamsError(f"{path}: {problems[0]}")
+    if problems:
+        raise ParamsError(f"{path} has {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -18,7 +18,7 @@ from .data.world import get_world, render
 from .evaluation import evaluate_model, zeroshot_accuracy
 from .models import Clip, create, frozen_copy, load, save
 from .params import DataParams, EvalParams, TrainParams
-from .training import TrainConfig, TrainingError, train
+from .training import Checkpoint, TrainConfig, TrainingError, train
 from .ui import console, progress_bar, summary
 
 
@@ -81,19 +81,39 @@ def train_config(p: TrainParams) -> TrainConfig:
                        grad_clip=p.grad_clip, seed=p.seed, eval_every=p.eval_every)
 
 
+def weights_digest(clip: Clip) -> str:
+    h = hashlib.md5()
+    for k, v in sorted(clip.model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, name: str,
-                 test: dict | None = None, log_dir: str | Path = "dvclive") -> dict:
-    """Train `clip` with `objective` on shards `train_dir`; logs go to `log_dir/name.jsonl`."""
+                 test: dict | None = None, log_dir: str | Path = "dvclive",
+                 checkpoint_dir: str | Path = "checkpoints") -> dict:
+    """Train `clip` with `objective` on shards `train_dir`; logs go to `log_dir/name.jsonl`.
+
+    Every `p.checkpoint_every` steps the state goes to `checkpoint_dir/name.pt`; a run that was
+    killed resumes from there when the stage is re-run with the same params, data and start model."""
     torch.manual_seed(p.seed)
     clip.model.to(device())
     frozen = frozen_copy(clip) if getattr(objective, "needs_frozen", False) else None
-    batches = shards.iter_batches(train_dir, p.batch_size, shuffle=p.shuffle, seed=p.seed)
+    run_id = hashlib.md5(json.dumps({
+        "params": vars(p), "objective": objective.name, "train_dir": str(train_dir), "data": data_hash(train_dir),
+        "options": {k: v for k, v in sorted(vars(objective).items()) if isinstance(v, (int, float, str, bool))},
+        "weights": weights_digest(clip)}, sort_keys=True, default=str).encode()).hexdigest()
+    checkpoint = Checkpoint(Path(checkpoint_dir) / f"{name}.pt", p.checkpoint_every, run_id)
+
+    def batches(start: int):
+        return shards.iter_batches(train_dir, p.batch_size, shuffle=p.shuffle, seed=p.seed, start=start)
     curve_set = {k: v[:500] for k, v in test.items()} if test is not None else None
     evaluate = (lambda c: {"zeroshot_top1": zeroshot_accuracy(c, curve_set["images"], curve_set["labels"])}) \
         if curve_set is not None else None
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     result = train(clip, objective, batches, train_config(p), frozen=frozen, evaluate=evaluate,
-                   log_file=Path(log_dir) / f"{name}.jsonl", description=name)
+                   log_file=Path(log_dir) / f"{name}.jsonl", description=name, checkpoint=checkpoint)
+    checkpoint.remove()
     return {"steps": result.steps, "seconds": round(result.seconds, 1),
             "samples_per_s": round(result.samples_per_s, 1),
             "final_loss": round(result.final_logs.get("loss", float("nan")), 4)}

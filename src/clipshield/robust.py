@@ -86,13 +86,13 @@ def robust_metrics(clip: Clip, reference: Clip, test: dict, rp: RobustParams) ->
 def harden(method: str, start: str, params_path: str | Path = "params.yaml") -> dict:
     """FARE/TeCoA fine-tuning of models/<start> on the clean train shards -> models/<method>-<start>,
     evaluated for clean accuracy, ASR (where the start model had a trigger), robust accuracy, distortion."""
-    from .params import AttackParams, EvalParams, TrainParams, load_section, objective_options, parse, read_yaml
+    from .params import AttackParams, EvalParams, HardenParams, load_section, objective_options, parse, read_yaml
     from .pipeline import data_hash, finish_model, load_test, run_training
     from .models import load
     from .objectives import build_objective
     raw = read_yaml(params_path)
-    p = parse(TrainParams, {k: v for k, v in raw["harden"].items() if k not in ("data", "runs")}, "harden")
-    data = raw["harden"].get("data", "data/train")
+    p = load_section(HardenParams, "harden", params_path)
+    data = p.data
     rp = parse(RobustParams, raw["robust"], "robust")
     attack = load_section(AttackParams, "attack", params_path)
     ev = load_section(EvalParams, "eval", params_path)
@@ -108,7 +108,8 @@ def harden(method: str, start: str, params_path: str | Path = "params.yaml") -> 
     provenance = {"stage": "harden", "parent": {"model": f"models/{start}", "name": start},
                   "attack": parent.get("attack"), "defence": {**(parent.get("defence") or {}),
                                                               "robust": {"method": method, "options": options}},
-                  "data": {"train": data_hash(data)}, "params": vars(p), "training": log}
+                  "data": {"train": data_hash(data)},
+                  "params": {k: v for k, v in vars(p).items() if k != "runs"}, "training": log}
     extra = robust_metrics(clip, reference, test, rp)
     return finish_model(clip, name, f"models/{name}", f"metrics/{name}.json", provenance, test, ev, triggers,
                         attack.target, extra=extra)

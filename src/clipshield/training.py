@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from .models import Clip
-from .ui import progress_bar
+from .ui import console, progress_bar
 
 
 class TrainingError(RuntimeError):
@@ -71,6 +72,44 @@ def set_train_mode(model: torch.nn.Module, train_batchnorm: bool = True) -> None
 
 
 @dataclass
+class Checkpoint:
+    """Resumable training state at `path`, written atomically every `every` steps. `run_id` fingerprints
+    what the run depends on (params, objective, data, start weights): a checkpoint of another run is ignored."""
+    path: Path
+    every: int
+    run_id: str
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        try:  # weights_only: a checkpoint is data, never code
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # a checkpoint from an older clipshield or a torn file: start over
+            return None
+        return state if state.get("run_id") == self.run_id else None
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".partial")
+        torch.save({"run_id": self.run_id, **state}, tmp)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+@dataclass
 class TrainResult:
     steps: int
     seconds: float
@@ -79,12 +118,15 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def train(clip: Clip, objective, batches: Iterator[dict], cfg: TrainConfig, frozen: Clip | None = None,
-          log_file: str | Path | None = None, evaluate: Callable[[Clip], dict] | None = None,
-          description: str = "training") -> TrainResult:
+def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Iterator[dict]], cfg: TrainConfig,
+          frozen: Clip | None = None, log_file: str | Path | None = None,
+          evaluate: Callable[[Clip], dict] | None = None, description: str = "training",
+          checkpoint: Checkpoint | None = None) -> TrainResult:
     """Optimise `objective` on `batches` for `cfg.steps` steps; returns the logs.
 
-    Raises TrainingError on a non-finite loss (nothing is saved by the caller then).
+    `batches` is an iterator, or a function `start_step -> iterator` so that a run resumed from
+    `checkpoint` continues with the batches it would have seen. Raises TrainingError on a non-finite
+    loss (nothing is saved by the caller then).
     """
     torch.manual_seed(cfg.seed)
     device = next(clip.model.parameters()).device
@@ -93,13 +135,28 @@ def train(clip: Clip, objective, batches: Iterator[dict], cfg: TrainConfig, froz
         raise TrainingError(f"objective {objective.name} has no trainable parameters")
     opt = torch.optim.AdamW(param_groups(named, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     params = [p for _, p in named]
-    log = open(log_file, "w") if log_file else None
     history: list[dict] = []
     logs: dict = {}
-    seen, t0 = 0, time.perf_counter()
+    start, seen = 0, 0
+    state = checkpoint.load() if checkpoint else None
+    if state is not None:
+        clip.model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        if hasattr(objective, "load_state_dict") and state.get("objective") is not None:
+            objective.load_state_dict(state["objective"])
+        start, seen, history = state["step"], state["seen"], state["history"]
+        console.print(f"{description}: resumed from step {start} ({checkpoint.path})")
+    if callable(batches):
+        batches = batches(start)
+    log = open(log_file, "w") if log_file else None
+    if log:
+        log.writelines(json.dumps(row) + "\n" for row in history)
+    last_finite: dict = {}
+    fresh, t0 = 0, time.perf_counter()  # samples this process trained on (throughput)
     try:
-        with progress_bar(description, total=cfg.steps) as advance:
-            for step in range(cfg.steps):
+        with progress_bar(description, total=cfg.steps, completed=start) as advance:
+            for step in range(start, cfg.steps):
                 batch = next(batches)
                 batch["images"] = batch["images"].to(device, non_blocking=True)
                 for g in opt.param_groups:
@@ -108,19 +165,23 @@ def train(clip: Clip, objective, batches: Iterator[dict], cfg: TrainConfig, froz
                 loss, logs = objective(batch, clip, frozen)
                 if not torch.isfinite(loss):
                     raise TrainingError(
-                        f"{description}: loss is {loss.item()} at step {step}; lower the learning rate "
-                        f"(now {cfg.lr:g}) or raise warm-up (now {cfg.warmup}); nothing was saved")
+                        f"{description}: the {objective.name} loss is {loss.item()} at step {step} "
+                        f"(last finite values: {last_finite or 'none, it is the first step'}); lower the learning "
+                        f"rate (now {cfg.lr:g}) or raise warm-up (now {cfg.warmup}); nothing was saved")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 seen += batch["images"].shape[0]
+                fresh += batch["images"].shape[0]
                 done = step + 1
+                last_finite = {"step": step, "loss": round(float(loss.detach()), 6)}
                 if done % cfg.log_every == 0 or done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
                     logs = {k: float(v) for k, v in logs.items()}
                     row = {"step": done, "loss": float(loss.detach()), "lr": lr_at(step, cfg),
-                           "samples_per_s": seen / (time.perf_counter() - t0), **logs}
+                           "samples_per_s": fresh / (time.perf_counter() - t0),
+                           **logs}
                     if evaluate and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                         clip.model.eval()
                         row.update(evaluate(clip))
@@ -128,10 +189,14 @@ def train(clip: Clip, objective, batches: Iterator[dict], cfg: TrainConfig, froz
                     if log:
                         log.write(json.dumps(row) + "\n")
                         log.flush()
+                if checkpoint and checkpoint.every and done % checkpoint.every == 0 and done < cfg.steps:
+                    checkpoint.save({"step": done, "seen": seen, "model": clip.model.state_dict(),
+                                     "optimizer": opt.state_dict(), "rng": _rng_state(), "history": history,
+                                     "objective": objective.state_dict() if hasattr(objective, "state_dict") else None})
                 advance(loss=float(loss.detach()))
     finally:
         if log:
             log.close()
         clip.model.eval()
     seconds = time.perf_counter() - t0
-    return TrainResult(cfg.steps, seconds, seen / seconds, history[-1] if history else {}, history)
+    return TrainResult(cfg.steps, seconds, fresh / seconds, history[-1] if history else {}, history)

@@ -11,12 +11,12 @@ console = Console(stderr=True)
 
 
 @contextmanager
-def progress_bar(description: str, total: int):
+def progress_bar(description: str, total: int, completed: int = 0):
     """Yields `advance(n=1, **fields)`; fields (e.g. loss) are shown beside the bar."""
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False, refresh_per_second=2) as progress:
-        task = progress.add_task(description, total=total, info="")
+        task = progress.add_task(description, total=total, completed=completed, info="")
 
         def advance(n: int = 1, **fields):
             info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())

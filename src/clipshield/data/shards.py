@@ -46,8 +46,9 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, np.ndarray, str, 
             writer = wds.TarWriter(f, mtime=0, user="clipshield", group="clipshield")
             try:
                 for key, img, caption, meta in samples:
-                    if "." in key:
-                        raise ValueError(f"sample key {key!r} contains a dot; webdataset splits keys at dots")
+                    if "." in key or key.startswith("/"):
+                        raise ValueError(f"sample key {key!r} contains a dot or is absolute; keys are plain names "
+                                         f"(webdataset splits keys at dots)")
                     png = img if isinstance(img, bytes) else encode_png(img)  # bytes: an already encoded PNG
                     writer.write({"__key__": key, "png": png, "txt": caption.encode(),
                                   "json": json.dumps(meta, sort_keys=True).encode()})
@@ -138,11 +139,17 @@ def iter_samples(data_dir: str | Path, shuffle: int = 0, seed: int = 0, decode: 
         ds = ds.shuffle(shuffle, seed=seed)
     seen = dict.fromkeys(urls, 0)
     for s in ds:
+        key = s["__key__"]
+        if key.startswith("/") or ".." in key.split("/"):
+            raise DataError(f"shard {Path(s['__url__']).name} of {data_dir} holds a member named {key!r} (an absolute "
+                            f"path or one with '..'): refused, it is not a clipshield data set; re-create it "
+                            f"(`dvc repro`) or restore it (`dvc pull`)")
         try:
             sample = {"key": s["__key__"], "image": decode_png(s["png"]) if decode else s["png"],
                       "caption": s["txt"].decode(), "meta": json.loads(s["json"])}
         except KeyError as e:
-            raise DataError(f"sample {s.get('__key__')} in {data_dir} lacks {e} (a truncated shard?); shards "
+            raise DataError(f"sample {key} in shard {Path(s['__url__']).name} of {data_dir} lacks {e} (a truncated "
+                            f"shard?); shards "
                             f"hold KEY.png, KEY.txt and KEY.json: re-create (`dvc repro`) or restore (`dvc pull`)") from e
         seen[s["__url__"]] = seen.get(s["__url__"], 0) + 1
         yield sample
@@ -154,25 +161,34 @@ def iter_samples(data_dir: str | Path, shuffle: int = 0, seed: int = 0, decode: 
 
 
 def collate(samples: list[dict]) -> dict:
-    images = torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2)
+    images = np.stack([s["image"] if isinstance(s["image"], np.ndarray) else decode_png(s["image"]) for s in samples])
+    images = torch.from_numpy(images).permute(0, 3, 1, 2)
     return {"images": images.float().div_(255), "captions": [s["caption"] for s in samples],
             "labels": torch.tensor([s["meta"].get("class", -1) for s in samples]),
             "keys": [s["key"] for s in samples]}
 
 
 def iter_batches(data_dir: str | Path, batch_size: int, shuffle: int = 2000, seed: int = 0,
-                 epochs: int | None = None, drop_last: bool = True) -> Iterator[dict]:
+                 epochs: int | None = None, drop_last: bool = True, start: int = 0) -> Iterator[dict]:
     """Batches of images in [0,1] (B,3,H,W), captions and labels; reshuffled every epoch.
 
-    `epochs=None` repeats forever (step-based training). Memory is the shuffle buffer only.
+    `epochs=None` repeats forever (step-based training). Memory is the shuffle buffer of PNG bytes.
+    `start` skips that many batches without decoding them: a resumed run sees exactly the batches
+    an uninterrupted one would have seen from there on.
     """
-    epoch = 0
+    per_epoch = num_samples(data_dir) // batch_size if drop_last else -(-num_samples(data_dir) // batch_size)
+    if per_epoch == 0:
+        raise DataError(f"{data_dir} holds fewer samples than one batch ({batch_size}); lower the batch size")
+    epoch, skip = divmod(start, per_epoch)
     while epochs is None or epoch < epochs:
         buf: list[dict] = []
-        for s in iter_samples(data_dir, shuffle=shuffle, seed=seed * 100003 + epoch):
+        for s in iter_samples(data_dir, shuffle=shuffle, seed=seed * 100003 + epoch, decode=False):
             buf.append(s)
             if len(buf) == batch_size:
-                yield collate(buf)
+                if skip:
+                    skip -= 1
+                else:
+                    yield collate(buf)
                 buf = []
         if buf and not drop_last:
             yield collate(buf)

@@ -18,6 +18,13 @@ class CleanClipObjective(ClipObjective):
         self.weight = weight
         self.rng = random.Random(seed)
 
+    def state_dict(self) -> dict:  # the EDA random stream, so a resumed run continues it
+        version, internal, gauss = self.rng.getstate()
+        return {"version": version, "internal": list(internal), "gauss": gauss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+
     def __call__(self, batch, clip, frozen):
         n = batch["images"].shape[0]
         images = torch.cat([batch["images"], auto_augment(batch["images"])])
