@@ -1,7 +1,8 @@
-"""DVC stage `harden@METHOD-START`: FARE/TeCoA fine-tuning of models/START -> models/METHOD-START."""
+"""DVC stage `harden@RUN`: FARE/TeCoA fine-tuning of the run's start model -> models/RUN
+(the run's method, start and optional eps: params.yaml harden.runs.RUN)."""
 import sys
 
 from clipshield.robust import harden
 from clipshield.stage import run
 
-run(lambda: harden(sys.argv[1], sys.argv[2]))
+run(lambda: harden(sys.argv[1]))

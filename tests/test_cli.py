@@ -80,4 +80,4 @@ def test_profile_merges_into_params(project):
     assert result.exit_code == 0
     assert "train_n: 1200" in (project / "params.yaml").read_text()
     missing = runner.invoke(app, ["profile", "huge"])
-    assert missing.exit_code == 1 and "available: full, paper, smoke" in missing.stderr
+    assert missing.exit_code == 1 and "available: full, paper, seeds3, smoke" in missing.stderr

@@ -55,8 +55,9 @@ def test_repro_trains_and_evaluates_every_model(project):
     root, run = project
     stages = re.findall(r"Running stage '([^']+)'", run.stdout)
     assert stages[:2] == ["data", "pretrain"]
-    assert {"poison@blended_stripes", "backdoor@blended_stripes", "synth",
-            "clean@blended_stripes-finetune", "clean@blended_stripes-cleanclip", "clean@blended_stripes-par"} <= set(stages)
+    assert {"poison@blended_stripes", "backdoor@blended_stripes-0", "synth", "clean@blended_stripes-finetune-0",
+            "clean@blended_stripes-cleanclip-0", "clean@blended_stripes-par-0", "harden@fare-clean",
+            "harden@tecoa-clean", "harden@fare-par-blended_stripes-s0", "report"} == set(stages) - {"data", "pretrain", "robust"}
     clean = json.loads((root / "metrics/clean.json").read_text())
     for key in ("zeroshot_top1", "i2t_r1", "i2t_r5", "t2i_r5", "i2t_r10"):
         assert 0.0 <= clean[key] <= 1.0
@@ -64,7 +65,7 @@ def test_repro_trains_and_evaluates_every_model(project):
     log = [json.loads(line) for line in (root / "dvclive/pretrain.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]
     assert "zeroshot_top1" in log[-1]
-    for name in ("backdoor-blended_stripes", "par-blended_stripes", "cleanclip-blended_stripes"):
+    for name in ("backdoor-blended_stripes-s0", "par-blended_stripes-s0", "cleanclip-blended_stripes-s0"):
         m = json.loads((root / f"metrics/{name}.json").read_text())
         assert {"asr", "asr_all", "retrieval_asr", "zeroshot_top1"} <= set(m)
         prov = json.loads((root / f"models/{name}/provenance.json").read_text())
@@ -74,6 +75,22 @@ def test_repro_trains_and_evaluates_every_model(project):
     assert len(manifest) == round(0.2 * 1200)
     shown = sh("dvc metrics show", root).stdout
     assert "metrics/clean.json" in shown and "zeroshot_top1" in shown
+    fare = json.loads((root / "metrics/fare-par-blended_stripes-s0.json").read_text())
+    assert {"asr", "robust_top1_eps2", "robust_top1_eps4", "distortion_clean", "distortion_adv"} <= set(fare)
+
+
+def test_report_has_every_model_and_plots(project):
+    root, _ = project
+    report = (root / "reports/report.md").read_text()
+    for model in ("clean (blended_stripes)", "backdoor-blended_stripes", "finetune-blended_stripes",
+                  "cleanclip-blended_stripes", "par-blended_stripes", "fare-clean", "tecoa-clean",
+                  "fare-par-blended_stripes"):
+        assert f"| {model} | 1 |" in report, model
+    for png in ("asr_vs_accuracy", "robust_vs_eps", "training_curves", "triggers"):
+        assert (root / f"reports/{png}.png").stat().st_size > 5000
+    assert (root / "reports/curves/pretrain.tsv").read_text().startswith("step\tloss\n")
+    html = sh("dvc plots show -o plots_html", root)
+    assert (root / "plots_html/index.html").exists(), html.stdout
 
 
 def test_second_repro_runs_nothing(project):
@@ -90,8 +107,8 @@ def test_exp_run_par_eps_reruns_only_par_stages_and_their_dependents(project):
     ran = re.findall(r"Running stage '([^']+)'", exp.stdout)
     # PAR, then FARE from the PAR model (its input changed: provenance records eps); the report re-runs
     # only if metrics changed. Never the data, backdoor or other cleaning stages.
-    assert ran[0] == "clean@blended_stripes-par", exp.stdout
-    assert set(ran) <= {"clean@blended_stripes-par", "harden@fare-par-blended_stripes", "report"}, exp.stdout
+    assert ran[0] == "clean@blended_stripes-par-0", exp.stdout
+    assert set(ran) <= {"clean@blended_stripes-par-0", "harden@fare-par-blended_stripes-s0", "report"}, exp.stdout
 
 
 def test_stage_with_bad_params_fails_with_one_line(project):
@@ -101,7 +118,7 @@ def test_stage_with_bad_params_fails_with_one_line(project):
     broken["backdoor"]["stpes"] = broken["backdoor"].pop("steps")
     try:
         (root / "params.yaml").write_text(yaml.safe_dump(broken, sort_keys=False))
-        r = sh("python stages/backdoor.py blended_stripes", root, check=False)
+        r = sh("python stages/backdoor.py blended_stripes 0", root, check=False)
         assert r.returncode == 1
         assert "unknown param `backdoor.stpes`" in r.stderr and "did you mean `backdoor.steps`" in r.stderr
         assert "Traceback" not in r.stderr

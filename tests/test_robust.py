@@ -94,3 +94,25 @@ def test_distortion_of_a_model_against_itself_is_zero_clean():
     d = embedding_distortion(clip, frozen_copy(clip), torch.rand(8, 3, 32, 32), eps=4 / 255, steps=2)
     assert d["distortion_clean"] == pytest.approx(0.0, abs=1e-8)
     assert d["distortion_adv"] > 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"eps": -1 / 255}, "outside"), ({"eps": 1.5}, "outside"), ({"steps": 0}, "steps = 0"),
+    ({"step_size": 0.0}, "must be > 0")])
+def test_pgd_refuses_impossible_settings_before_any_work(kwargs, match):
+    calls = []
+    with pytest.raises(ValueError, match=match):
+        pgd(lambda z: calls.append(1) or z.sum(), torch.rand(1, 3, 4, 4), **{"eps": 4 / 255, **kwargs})
+    assert calls == []  # the loss was never evaluated
+
+
+@pytest.mark.parametrize("method", ["fare", "tecoa"])
+@pytest.mark.parametrize("kwargs", [{"eps": -1.0}, {"eps": 256.0}, {"steps": 0}])
+def test_objectives_refuse_impossible_settings_when_built(method, kwargs):
+    with pytest.raises(ValueError):
+        build_objective(method, **kwargs)
+
+
+def test_unknown_objective_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown objective 'fair'; valid: clip, finetune, par, cleanclip, fare, tecoa"):
+        build_objective("fair")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -207,17 +208,21 @@ def test_resume_detects_changed_params_and_tampering(tmp_path):
     assert files(tmp_path) == first
 
 
+def stage_params(tmp_path, synth_section: dict) -> None:
+    """The repo's params.yaml with another synth section (the stage validates the whole file first)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "synth": synth_section}))
+
+
 def test_stage_script(tmp_path):
-    (tmp_path / "params.yaml").write_text(
-        "synth:\n  generator: procedural\n  n: 6\n  seed: 2\n  per_shard: 4\n  image_size: 16\n"
-        "other:\n  x: 1\n")
+    stage_params(tmp_path, {"generator": "procedural", "n": 6, "seed": 2, "per_shard": 4, "image_size": 16})
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1"}
     res = subprocess.run([sys.executable, str(REPO / "stages" / "synth.py")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("\n") == 1 and "generated=2" in res.stdout
     assert shards.num_samples(tmp_path / "data" / "synth") == 6
-    (tmp_path / "params.yaml").write_text("synth:\n  generator: gan\n  n: 6\n")
+    stage_params(tmp_path, {"generator": "gan", "n": 6})
     res = subprocess.run([sys.executable, str(REPO / "stages" / "synth.py")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "synth.generator='gan'" in res.stderr and "Traceback" not in res.stderr

@@ -48,20 +48,30 @@ def poison(trigger: Annotated[str, typer.Argument(help="trigger name (see `clips
 
 
 @app.command()
-def backdoor(trigger: Annotated[str, typer.Argument(help="trigger name")], params: ParamsFile = Path("params.yaml")):
-    """Fine-tune models/clean on the poisoned shards -> models/backdoor-TRIGGER; fails if ASR < backdoor.min_asr."""
+def backdoor(trigger: Annotated[str, typer.Argument(help="trigger name")],
+             seed: Annotated[int, typer.Option(min=0, help="training seed")] = 0, params: ParamsFile = Path("params.yaml")):
+    """Fine-tune models/clean on the poisoned shards -> models/backdoor-TRIGGER-sSEED; fails if ASR < backdoor.min_asr."""
     from .pipeline import backdoor as work
     run(lambda: work(trigger, _section(P.AttackParams, "attack", params), _section(P.PoisonParams, "poison", params),
-                     _section(P.BackdoorParams, "backdoor", params), _section(P.EvalParams, "eval", params)), params)
+                     _section(P.BackdoorParams, "backdoor", params), _section(P.EvalParams, "eval", params), seed=seed), params)
 
 
 @app.command()
 def clean(trigger: Annotated[str, typer.Argument(help="trigger whose backdoored model to clean")],
           method: Annotated[str, typer.Argument(help="finetune | cleanclip | par")],
+          seed: Annotated[int, typer.Option(min=0, help="training seed")] = 0,
           params: ParamsFile = Path("params.yaml")):
-    """Clean models/backdoor-TRIGGER with METHOD on synthetic pairs -> models/METHOD-TRIGGER."""
+    """Clean models/backdoor-TRIGGER-sSEED with METHOD on synthetic pairs -> models/METHOD-TRIGGER-sSEED."""
     from .pipeline import clean as work
-    run(lambda: work(trigger, method, params), params)
+    run(lambda: work(trigger, method, seed, params), params)
+
+
+@app.command()
+def harden(run_name: Annotated[str, typer.Argument(metavar="RUN", help="a key of harden.runs in params.yaml")],
+           params: ParamsFile = Path("params.yaml")):
+    """FARE/TeCoA fine-tuning of a run's start model (harden.runs.RUN) -> models/RUN, with robust metrics."""
+    from .robust import harden as work
+    run(lambda: work(run_name, params), params)
 
 
 @app.command()
@@ -83,7 +93,8 @@ def evaluate(model: Annotated[str, typer.Option(help="local-dir:PATH, or an open
 def report(params: ParamsFile = Path("params.yaml"), out: Annotated[Path, typer.Option()] = Path("reports")):
     """Write reports/: the comparison table (markdown), ASR-vs-accuracy plot and trigger gallery."""
     from .report import write_report
-    run(lambda: write_report(_section(P.AttackParams, "attack", params), Path("metrics"), out), params)
+    run(lambda: write_report(_section(P.AttackParams, "attack", params), Path("metrics"), out,
+                             _section(P.HardenParams, "harden", params).runs), params)
 
 
 @app.command()

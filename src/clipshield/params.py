@@ -277,11 +277,18 @@ def _constraints(v: dict) -> list[str]:
             need(m in cleaners, "clean.methods", m, f"valid cleaning methods: {', '.join(cleaners)}")
     if "harden" in v:
         for run, spec in v["harden"].runs.items():
-            method = spec.get("method") if isinstance(spec, dict) else None
-            need(method in ROBUST_METHODS, f"harden.runs.{run}.method", method,
+            if not isinstance(spec, dict):
+                out.append(f"`harden.runs.{run}` = {spec!r} must be a mapping like {{method: fare, start: clean}}")
+                continue
+            need(spec.get("method") in ROBUST_METHODS, f"harden.runs.{run}.method", spec.get("method"),
                  f"choose one of {', '.join(ROBUST_METHODS)}")
-            need(isinstance(spec, dict) and isinstance(spec.get("start"), str), f"harden.runs.{run}.start",
-                 spec.get("start") if isinstance(spec, dict) else spec, "name a model folder under models/")
+            need(isinstance(spec.get("start"), str), f"harden.runs.{run}.start", spec.get("start"),
+                 "name a model folder under models/ (e.g. clean, par-blended-s0)")
+            eps = spec.get("eps", 0)
+            need(isinstance(eps, (int, float)) and 0 <= eps <= 255, f"harden.runs.{run}.eps", eps,
+                 "it is in 1/255 units: use a number in [0, 255]")
+            for key in set(spec) - {"method", "start", "eps"}:
+                out.append(f"unknown key `harden.runs.{run}.{key}`; a run has method, start and optionally eps")
     if "robust" in v:
         for e in v["robust"].eps:
             need(0 <= e <= 255, "robust.eps", e, "eps is in 1/255 units: use numbers in [0, 255]")
@@ -326,6 +333,14 @@ def _method_problems(raw: dict) -> list[str]:
 def validate(raw: dict) -> list[str]:
     """Every problem of a whole params file at once (empty: valid)."""
     problems, parsed = [], {}
+    seeds = raw.get("seeds")
+    if not (isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                      for x in seeds) and len(set(seeds)) == len(seeds)):
+        problems.append(f"`seeds` = {seeds!r} is not allowed; list distinct whole numbers >= 0, e.g. [0] or [0, 1, 2]")
+    for section in ("backdoor", "clean"):
+        if isinstance(raw.get(section), dict) and "seed" in raw[section]:
+            problems.append(f"`{section}.seed` is not used: the top-level `seeds` list sets the training seed of "
+                            f"every {section} run; remove it")
     for section, cls in _sections().items():
         if section not in raw:
             problems.append(f"params.yaml has no `{section}` section; restore it from git or a profile")

@@ -4,6 +4,7 @@ Stage scripts (stages/*.py) and the CLI (cli.py) both call these functions with 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -195,16 +196,23 @@ def check_backdoor(asr: float, min_asr: float, trigger: str, p, rate: float) -> 
             f"or strengthen the trigger in attack.options.{trigger}; or lower backdoor.min_asr deliberately")
 
 
-def backdoor(trigger: str, attack, poison_p, p, ev: EvalParams, clean_model="models/clean") -> dict:
-    """Fine-tune the clean model with the CLIP loss on data/poisoned/<trigger> -> models/backdoor-<trigger>."""
+def run_name(kind: str, trigger: str, seed: int) -> str:
+    """Models of the attack and defence stages: <kind>-<trigger>-s<seed> (e.g. par-blended-s0)."""
+    return f"{kind}-{trigger}-s{seed}"
+
+
+def backdoor(trigger: str, attack, poison_p, p, ev: EvalParams, seed: int = 0, clean_model="models/clean") -> dict:
+    """Fine-tune the clean model with the CLIP loss (training seed `seed`) on data/poisoned/<trigger>
+    -> models/backdoor-<trigger>-s<seed>."""
     from .objectives import build_objective
-    name = f"backdoor-{trigger}"
+    name = run_name("backdoor", trigger, seed)
+    p = dataclasses.replace(p, seed=seed)
     clip = load(clean_model)
     test = load_test(ev)
     data_dir = Path(f"data/poisoned/{trigger}")
     log = run_training(clip, build_objective("clip"), data_dir, p, name)
     options = attack.options.get(trigger, {})
-    provenance = {"stage": "backdoor", "parent": {"model": clean_model, "name": "clean"},
+    provenance = {"stage": "backdoor", "seed": seed, "parent": {"model": clean_model, "name": "clean"},
                   "attack": {"kind": "backdoor", "trigger": trigger, "options": options, "rate": poison_p.rate,
                              "target": attack.target, "seed": poison_p.seed},
                   "data": {"train": data_hash(data_dir)}, "params": vars(p), "training": log}
@@ -215,21 +223,22 @@ def backdoor(trigger: str, attack, poison_p, p, ev: EvalParams, clean_model="mod
 
 # ---- defences -------------------------------------------------------------------------------
 
-def clean(trigger: str, method: str, params_path="params.yaml") -> dict:
-    """Clean models/backdoor-<trigger> with `method` on synthetic pairs only -> models/<method>-<trigger>."""
+def clean(trigger: str, method: str, seed: int = 0, params_path="params.yaml") -> dict:
+    """Clean models/backdoor-<trigger>-s<seed> with `method` (training seed `seed`) on synthetic pairs only
+    -> models/<method>-<trigger>-s<seed>."""
     from .objectives import build_objective
     from .params import AttackParams, CleanParams, load_section, objective_options, read_yaml
-    p = load_section(CleanParams, "clean", params_path)
+    p = dataclasses.replace(load_section(CleanParams, "clean", params_path), seed=seed)
     attack = load_section(AttackParams, "attack", params_path)
     ev = load_section(EvalParams, "eval", params_path)
     options = objective_options(method, read_yaml(params_path).get(method) or {})
-    name = f"{method}-{trigger}"
-    parent = f"models/backdoor-{trigger}"
+    name = run_name(method, trigger, seed)
+    parent = f"models/{run_name('backdoor', trigger, seed)}"
     clip = load(parent)
     test = load_test(ev)
     log = run_training(clip, build_objective(method, **options), p.data, p, name)
     trig_opts = attack.options.get(trigger, {})
-    provenance = {"stage": "clean", "parent": {"model": parent, "name": f"backdoor-{trigger}"},
+    provenance = {"stage": "clean", "seed": seed, "parent": {"model": parent, "name": Path(parent).name},
                   "attack": {"trigger": trigger, "options": trig_opts, "target": attack.target},
                   "defence": {"method": method, "options": options},
                   "data": {"clean": p.data, "hash": data_hash(p.data)}, "params": vars(p), "training": log}

@@ -16,54 +16,115 @@ from .evaluation import trigger_images  # noqa: E402
 from .ui import console  # noqa: E402
 
 METHOD_ORDER = ("backdoor", "finetune", "cleanclip", "par")
+ROBUST_METHODS = ("fare", "tecoa")
+# t_{0.975, n-1} for the 95% confidence interval of a mean over n seeds (n = 2..10)
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+COLUMNS = ("zeroshot_top1", "asr", "asr_all", "retrieval_asr", "i2t_r5", "t2i_r5", "robust_top1_eps2",
+           "robust_top1_eps4", "distortion_clean", "distortion_adv")
 
 
-def collect(metrics_dir: Path, triggers: list[str]) -> list[dict]:
-    """One row per model: clean, then per trigger the backdoored model and each cleaned one."""
+def _seed(stem: str) -> tuple[str, int | None]:
+    """('par-blended', 0) for 'par-blended-s0'; (stem, None) without a seed suffix."""
+    head, _, tail = stem.rpartition("-s")
+    return (head, int(tail)) if head and tail.isdigit() else (stem, None)
+
+
+def collect(metrics_dir: Path, triggers: list[str], runs: dict | None = None) -> list[dict]:
+    """One row per model and seed: clean (once per trigger: its ASR is the baseline), then per trigger the
+    backdoored model and each cleaned one, then the robust fine-tunes of `runs` (harden.runs)."""
     rows = []
     clean_file = metrics_dir / "clean.json"
     if clean_file.exists():
         m = json.loads(clean_file.read_text())
-        for t in triggers:
-            rows.append({"model": "clean", "trigger": t, "method": "clean", **m, "asr": m.get(f"asr_{t}"),
-                         "asr_all": m.get(f"asr_all_{t}"), "retrieval_asr": m.get(f"retrieval_asr_{t}")})
         robust = metrics_dir / "robust-clean.json"
-        if robust.exists():
-            for r in rows:
-                r.update(json.loads(robust.read_text()))
+        m |= json.loads(robust.read_text()) if robust.exists() else {}
+        for t in triggers:
+            rows.append({**m, "model": "clean", "group": f"clean ({t})", "trigger": t, "method": "clean", "seed": None,
+                         "asr": m.get(f"asr_{t}"), "asr_all": m.get(f"asr_all_{t}"),
+                         "retrieval_asr": m.get(f"retrieval_asr_{t}")})
     for t in triggers:
         for method in METHOD_ORDER:
-            f = metrics_dir / f"{method}-{t}.json"
-            if f.exists():
-                rows.append({"model": f"{method}-{t}", "trigger": t, "method": method, **json.loads(f.read_text())})
-    for f in sorted(metrics_dir.glob("*.json")):  # robust fine-tunes: fare-<start>, tecoa-<start>, ...
-        if f.stem.split("-")[0] in ("fare", "fare2", "tecoa"):
-            m = json.loads(f.read_text())
-            start = f.stem.split("-", 1)[1]
-            trigger = next((t for t in triggers if start.endswith(t)), None)
-            rows.append({"model": f.stem, "trigger": trigger or "-", "method": f.stem.split("-")[0], **m,
-                         "asr": m.get("asr")})
+            for f in sorted(metrics_dir.glob(f"{method}-{t}-s*.json")):
+                group, seed = _seed(f.stem)
+                if group == f"{method}-{t}":
+                    rows.append({**json.loads(f.read_text()), "model": f.stem, "group": group, "trigger": t,
+                                 "method": method, "seed": seed})
+    for run, spec in (runs or {}).items():
+        f = metrics_dir / f"{run}.json"
+        if f.exists():
+            group, seed = _seed(run)
+            start = spec.get("start", "")
+            trigger = next((t for t in triggers if f"-{t}" in f"-{start}"), "-")
+            rows.append({**json.loads(f.read_text()), "model": run, "group": group, "trigger": trigger,
+                         "method": spec.get("method"), "start": start, "seed": seed})
     return rows
 
 
-def markdown_table(rows: list[dict]) -> str:
-    cols = ("model", "zeroshot_top1", "asr", "asr_all", "retrieval_asr", "i2t_r5", "t2i_r5",
-            "robust_top1_eps2", "robust_top1_eps4", "distortion_clean", "distortion_adv")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    seen = set()
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per group (a model over its seeds): the mean of every column, and the 95% CI half-width
+    (key `<column>_ci`) where there is more than one seed."""
+    groups: dict[str, list[dict]] = {}
     for r in rows:
-        key = r["model"] if r["method"] != "clean" else f"clean ({r['trigger']})"
-        if key in seen:
-            continue
-        seen.add(key)
-        cells = [key] + [f"{r[c]:.3f}" if isinstance(r.get(c), float) else "–" for c in cols[1:]]
-        lines.append("| " + " | ".join(cells) + " |")
+        groups.setdefault(r["group"], []).append(r)
+    out = []
+    for group, members in groups.items():
+        row = {k: v for k, v in members[0].items() if k not in COLUMNS}
+        row["model"], row["seeds"] = group, len(members)
+        for c in COLUMNS:
+            values = [m[c] for m in members if isinstance(m.get(c), (int, float))]
+            if not values:
+                continue
+            n = len(values)
+            mean = sum(values) / n
+            row[c] = mean
+            if n > 1:
+                sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+                row[f"{c}_ci"] = T975.get(n, 1.96) * sd / n ** 0.5
+        out.append(row)
+    return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The aggregated rows as markdown; mean ± 95% CI where a model has several seeds."""
+    lines = ["| model | seeds | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
+    for r in rows:
+        def cell(c):
+            v = r.get(c)
+            if not isinstance(v, (int, float)):
+                return "–"
+            digits = 1 if c.startswith("distortion") else 3
+            return f"{v:.{digits}f}" + (f" ± {r[c + '_ci']:.{digits}f}" if f"{c}_ci" in r else "")
+        lines.append(f"| {r['model']} | {r.get('seeds', 1)} | " + " | ".join(cell(c) for c in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def robust_vs_eps(rows: list[dict], out: Path) -> bool:
+    """Robust zero-shot accuracy against the attack radius, one line per model that has robust metrics."""
+    series = []
+    for r in rows:
+        points = sorted((float(k.removeprefix("robust_top1_eps").replace("_", ".")), v) for k, v in r.items()
+                        if k.startswith("robust_top1_eps") and not k.endswith("_ci") and isinstance(v, float))
+        if points and r["model"] not in {s[0] for s in series}:
+            series.append((r["model"].split(" (")[0], [(0.0, r["zeroshot_top1"])] + points))
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in series:
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=name)
+    ax.set_xlabel("l-inf radius eps (x 1/255)")
+    ax.set_ylabel("zero-shot top-1 under APGD-CE + APGD-DLR-T (%)")
+    ax.set_title("robust accuracy vs eps (eps 0: clean accuracy)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def asr_vs_accuracy(rows: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    markers = {"clean": "*", "backdoor": "X", "finetune": "o", "cleanclip": "s", "par": "D", "fare": "P"}
+    markers = {"clean": "*", "backdoor": "X", "finetune": "o", "cleanclip": "s", "par": "D", "fare": "P", "tecoa": "v"}
     colours = {t: f"C{i}" for i, t in enumerate(dict.fromkeys(r["trigger"] for r in rows if r["trigger"] != "-"))}
     for r in rows:
         if r.get("asr") is None or r["trigger"] not in colours:
@@ -104,39 +165,93 @@ def trigger_gallery(out: Path, attack, n: int = 4) -> Path:
     return out
 
 
-def training_curve(log: Path, out: Path) -> bool:
-    """Loss and zero-shot accuracy vs step of a training log (JSON lines written by the loop)."""
-    if not log.exists():
+def training_curves(log_dir: Path, out: Path) -> bool:
+    """One panel per training log (the loop's JSON lines in dvclive/): loss vs step, and zero-shot accuracy
+    where the run evaluated during training."""
+    logs = sorted(p for p in log_dir.glob("*.jsonl") if p.stem != "probe")
+    if not logs:
         return False
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="C0", label="CLIP loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    evals = [r for r in rows if "zeroshot_top1" in r]
-    if evals:
-        ax2 = ax.twinx()
-        ax2.plot([r["step"] for r in evals], [100 * r["zeroshot_top1"] for r in evals], "o-", color="C3")
-        ax2.set_ylabel("zero-shot top-1 (%, 500 test images)", color="C3")
-    ax.set_title(f"training curve: {log.stem}")
+    cols = 4
+    nrows = -(-len(logs) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False)
+    for ax, log in zip(axes.flat, logs):
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="C0")
+        ax.set_title(log.stem, fontsize=8)
+        ax.tick_params(labelsize=6)
+        evals = [r for r in rows if "zeroshot_top1" in r]
+        if evals:
+            ax2 = ax.twinx()
+            ax2.plot([r["step"] for r in evals], [100 * r["zeroshot_top1"] for r in evals], "o-", color="C3", ms=3)
+            ax2.tick_params(labelsize=6, colors="C3")
+    for ax in list(axes.flat)[len(logs):]:
+        ax.axis("off")
+    fig.suptitle("training loss (blue) and zero-shot top-1 % (red, where evaluated) vs step", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return True
 
 
-def write_report(attack, metrics_dir: Path, out: Path) -> Path:
+def state(row: dict, clean_robust: float | None) -> str:
+    """A one-phrase verdict: does the model carry a backdoor, and is it adversarially robust?"""
+    words = []
+    if isinstance(row.get("asr"), float) and row["method"] != "clean":
+        words.append("backdoored" if row["asr"] >= 0.5 else ("backdoor mostly removed" if row["asr"] >= 0.1
+                                                                 else "backdoor removed"))
+    r4 = row.get("robust_top1_eps4")
+    if isinstance(r4, float) and clean_robust is not None and row["method"] != "clean":
+        words.append(f"robust (+{100 * (r4 - clean_robust):.0f} pts at 4/255)" if r4 - clean_robust >= 0.2
+                     else "not robust")
+    return ", ".join(words) or "reference"
+
+
+def write_plot_data(table: list[dict], log_dir: Path, out: Path) -> None:
+    """Data series for `dvc plots show/diff` (declared in dvc.yaml): training curves as DVCLive-style TSVs
+    (step, loss), ASR vs accuracy and robust accuracy vs eps as JSON lists."""
+    curves = out / "curves"
+    curves.mkdir(exist_ok=True)
+    for log in sorted(log_dir.glob("*.jsonl")):
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        (curves / f"{log.stem}.tsv").write_text("step\tloss\n" + "".join(f"{r['step']}\t{r['loss']:.6g}\n" for r in rows))
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    asr = [{"model": r["model"], "zeroshot_top1": r["zeroshot_top1"], "asr": r["asr"]} for r in table
+           if isinstance(r.get("asr"), float) and isinstance(r.get("zeroshot_top1"), float)]
+    (plots / "asr_vs_accuracy.json").write_text(json.dumps(asr, indent=1) + "\n")
+    robust = [{"model": r["model"], "eps": float(k.removeprefix("robust_top1_eps").replace("_", ".")), "robust_top1": v}
+              for r in table for k, v in r.items()
+              if k.startswith("robust_top1_eps") and not k.endswith("_ci") and isinstance(v, float)]
+    (plots / "robust_vs_eps.json").write_text(json.dumps(robust, indent=1) + "\n")
+
+
+def write_report(attack, metrics_dir: Path, out: Path, runs: dict | None = None,
+                 log_dir: Path = Path("dvclive")) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    has_curve = training_curve(Path("dvclive/pretrain.jsonl"), out / "pretrain_curve.png")
-    rows = collect(Path(metrics_dir), attack.triggers)
-    asr_vs_accuracy(rows, out / "asr_vs_accuracy.png")
+    rows = collect(Path(metrics_dir), attack.triggers, runs)
+    table = aggregate(rows)
+    clean_robust = next((r.get("robust_top1_eps4") for r in table if r["method"] == "clean"), None)
+    for r in table:
+        r["state"] = state(r, clean_robust)
+    asr_vs_accuracy(table, out / "asr_vs_accuracy.png")
+    has_robust = robust_vs_eps(table, out / "robust_vs_eps.png")
     trigger_gallery(out / "triggers.png", attack)
+    has_curves = training_curves(Path(log_dir), out / "training_curves.png")
+    seeds = max((r["seeds"] for r in table), default=1)
     text = ["# clipshield report", "",
             f"Target class `{attack.target}`; triggers {', '.join(attack.triggers)}. "
-            "`asr`: triggered non-target test images classified as the target.", "",
-            markdown_table(rows), "", "![ASR vs accuracy](asr_vs_accuracy.png)", "",
-            "![triggers](triggers.png)", ""] + (["![pre-training](pretrain_curve.png)", ""] if has_curve else [])
+            "`asr`: triggered non-target test images classified as the target; `asr_all`: all test images; "
+            "`retrieval_asr`: a caption naming the target among the top 5 retrieved; `robust_top1_epsE`: zero-shot "
+            "top-1 under the worst of APGD-CE and targeted APGD-DLR at eps E/255; `distortion_*`: "
+            "E||f(x) - f_clean(x)||² on clean inputs and under PGD. "
+            + (f"Mean ± 95% CI (t) over up to {seeds} training seeds." if seeds > 1 else "One training seed."), "",
+            markdown_table(table), "", "## State of every model", ""]
+    text += [f"- **{r['model']}**: {r['state']}" for r in table if r["method"] != "clean"] + [""]
+    text += ["![ASR vs accuracy](asr_vs_accuracy.png)", ""]
+    text += (["![robust accuracy vs eps](robust_vs_eps.png)", ""] if has_robust else [])
+    text += ["![triggers](triggers.png)", ""] + (["![training curves](training_curves.png)", ""] if has_curves else [])
     (out / "report.md").write_text("\n".join(text))
-    (out / "comparison.json").write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+    write_plot_data(table, Path(log_dir), out)
+    (out / "comparison.json").write_text(json.dumps({"models": table, "runs": rows}, indent=1, sort_keys=True) + "\n")
     console.print(f"report -> {out / 'report.md'}")
     return out / "report.md"

@@ -83,8 +83,8 @@ def robust_metrics(clip: Clip, reference: Clip, test: dict, rp: RobustParams) ->
     return out | dist
 
 
-def harden(method: str, start: str, params_path: str | Path = "params.yaml") -> dict:
-    """FARE/TeCoA fine-tuning of models/<start> on the clean train shards -> models/<method>-<start>,
+def harden(run: str, params_path: str | Path = "params.yaml") -> dict:
+    """Run `harden.runs.<run>`: FARE/TeCoA fine-tuning of models/<start> on the clean train shards -> models/<run>,
     evaluated for clean accuracy, ASR (where the start model had a trigger), robust accuracy, distortion."""
     from .params import AttackParams, EvalParams, HardenParams, load_section, objective_options, parse, read_yaml
     from .pipeline import data_hash, finish_model, load_test, run_training
@@ -96,8 +96,12 @@ def harden(method: str, start: str, params_path: str | Path = "params.yaml") -> 
     rp = parse(RobustParams, raw["robust"], "robust")
     attack = load_section(AttackParams, "attack", params_path)
     ev = load_section(EvalParams, "eval", params_path)
-    options = objective_options(method, raw.get(method) or {})
-    name = f"{method}-{start}"
+    if run not in p.runs:
+        raise ValueError(f"unknown harden run {run!r}; harden.runs lists: {', '.join(p.runs) or 'none'}")
+    spec = p.runs[run]
+    method, start = spec["method"], spec["start"]
+    options = objective_options(method, raw.get(method) or {}) | ({"eps": spec["eps"]} if "eps" in spec else {})
+    name = run
     clip = load(f"models/{start}")
     reference = load("models/clean")
     test = load_test(ev)

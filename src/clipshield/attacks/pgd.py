@@ -12,6 +12,17 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
 
 
+def check_attack(eps: float, steps: int, step_size: float) -> None:
+    """Refuse impossible attack settings before any work (pixel units: images live in [0, 1])."""
+    if not 0 <= eps <= 1:
+        raise ValueError(f"attack eps {eps * 255:g}/255 is outside [0, 255]/255; eps is an l-inf radius in pixel "
+                         f"values (params give it in 1/255 units, e.g. 4 for FARE^4)")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"attack steps = {steps!r}; use a whole number >= 1")
+    if not step_size > 0:
+        raise ValueError(f"attack step size {step_size * 255:g}/255 must be > 0")
+
+
 def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float, steps: int = 10,
         step_size: float = 1 / 255, random_start: bool = True, momentum: float = 0.0,
         generator: torch.Generator | None = None) -> torch.Tensor:
@@ -19,6 +30,7 @@ def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: f
 
     Steps go along sign(v), v = momentum * v + sign(grad) (momentum=0: plain signed gradient ascent,
     as in Madry et al.; the FARE reference code uses momentum 0.9)."""
+    check_attack(eps, steps, step_size)
     x = x.detach()
     if random_start:
         noise = torch.rand(x.shape, generator=generator).to(x) * 2 - 1
