@@ -3,6 +3,10 @@ logging) against a bare loop (open_clip model + open_clip.ClipLoss + AdamW on in
 batch size), measured in one process, alternating, so the ratio is robust to a noisy machine.
 
     python benchmarks/train_step.py [--data data/train] [--model tiny-rn] [--batch 128] [--steps 30]
+
+With --nproc N it instead compares the clipshield loop on 1 process and on N processes (torchrun + DDP,
+same global batch), and with --objectives clip,par,fare (e.g. --model ViT-B-32 --batch 256 --bf16 on a
+GPU) the samples/s of each objective.
 """
 from __future__ import annotations
 
@@ -39,12 +43,40 @@ def bare_loop(model_name: str, batch: dict, steps: int) -> float:
     return steps * len(images) / (time.perf_counter() - t0)
 
 
-def clipshield_loop(model_name: str, data: Path, batch_size: int, steps: int) -> float:
+def clipshield_loop(model_name: str, data: Path, batch_size: int, steps: int, objective: str = "clip",
+                    bf16: bool = False) -> float:
+    """Samples/s (global, over all processes) of the loop; under torchrun every rank trains its slice."""
+    from clipshield import distributed
+    from clipshield.models import frozen_copy
+    from clipshield.pipeline import device
+    distributed.init_from_env()
     clip = create(model_name)
-    cfg = TrainConfig(steps=steps, lr=1e-4, log_every=10**9)
+    clip.model.to(device())
+    obj = build_objective(objective)
+    frozen = frozen_copy(clip) if getattr(obj, "needs_frozen", False) else None
+    cfg = TrainConfig(steps=steps, lr=1e-4, log_every=10**9, bf16=bf16)
     batches = shards.iter_batches(data, batch_size, shuffle=2000, seed=0)
-    result = train(clip, build_objective("clip"), batches, cfg, description="clipshield loop")
-    return result.samples_per_s
+    result = train(clip, obj, batches, cfg, frozen=frozen, description=f"clipshield loop ({objective})")
+    return result.samples_per_s * distributed.world()[1]
+
+
+def compare_processes(a, data: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    rates = {}
+    for n in (1, a.nproc):
+        cmd = [__file__, "--worker", "--data", str(data), "--model", a.model, "--batch", str(a.batch),
+               "--steps", str(a.steps)]
+        cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+                                 if n > 1 else []), *cmd]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+        rates[n] = float(out.split("samples/s")[0].split()[-1])
+    print(f"model {a.model}, global batch {a.batch}, {a.steps} steps, {os.cpu_count()} CPU cores shared by the processes")
+    for n, r in rates.items():
+        print(f"{n} process{'es' if n > 1 else ''}: {r:8.1f} samples/s")
+    print(f"ratio {a.nproc} processes / 1: {rates[a.nproc] / rates[1]:.3f}")
 
 
 def main():
@@ -54,12 +86,29 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--nproc", type=int, default=1, help="compare 1 process with NPROC (torchrun + DDP)")
+    ap.add_argument("--objectives", default="", help="comma-separated objectives to time, e.g. clip,par,fare")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.worker:
+        rate = clipshield_loop(a.model, a.data, a.batch, a.steps)
+        from clipshield import distributed
+        if distributed.is_main():
+            print(f"{rate:.1f} samples/s")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data
         if data is None:
             data = Path(tmp) / "train"
             shards.write_shards(world_samples("base", 0, 4000, 32, "b"), data, prefix="train", per_shard=1000)
+        if a.nproc > 1:
+            return compare_processes(a, data)
+        if a.objectives:
+            for objective in a.objectives.split(","):
+                rate = max(clipshield_loop(a.model, data, a.batch, a.steps, objective, a.bf16) for _ in range(a.rounds))
+                print(f"{objective:>10}: {rate:8.1f} samples/s  (model {a.model}, batch {a.batch}, bf16 {a.bf16})")
+            return
         batch = next(shards.iter_batches(data, a.batch, shuffle=0))
         ours, bare = [], []
         for _ in range(a.rounds):  # alternate so both see the same machine load

@@ -7,4 +7,4 @@ from clipshield.pipeline import backdoor
 from clipshield.stage import run
 
 run(lambda: backdoor(sys.argv[1], load_section(AttackParams, "attack"), load_section(PoisonParams, "poison"),
-                     load_section(BackdoorParams, "backdoor"), load_section(EvalParams, "eval"), seed=int(sys.argv[2])))
+                     load_section(BackdoorParams, "backdoor"), load_section(EvalParams, "eval"), seed=int(sys.argv[2])), distributed=True)

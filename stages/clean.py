@@ -5,4 +5,4 @@ import sys
 from clipshield.pipeline import clean
 from clipshield.stage import run
 
-run(lambda: clean(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+run(lambda: clean(sys.argv[1], sys.argv[2], int(sys.argv[3])), distributed=True)

@@ -5,4 +5,4 @@ import sys
 from clipshield.robust import harden
 from clipshield.stage import run
 
-run(lambda: harden(sys.argv[1]))
+run(lambda: harden(sys.argv[1]), distributed=True)

@@ -4,4 +4,4 @@ from clipshield.pipeline import pretrain
 from clipshield.stage import run
 
 run(lambda: pretrain(load_section(PretrainParams, "pretrain"), load_section(EvalParams, "eval"),
-                     load_section(AttackParams, "attack")))
+                     load_section(AttackParams, "attack")), distributed=True)

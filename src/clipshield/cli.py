@@ -36,7 +36,7 @@ def pretrain(params: ParamsFile = Path("params.yaml")):
     """Pre-train a tiny CLIP on data/train, evaluate it, write models/clean and metrics/clean.json."""
     from .pipeline import pretrain as work
     run(lambda: work(_section(P.PretrainParams, "pretrain", params), _section(P.EvalParams, "eval", params),
-                     _section(P.AttackParams, "attack", params)), params)
+                     _section(P.AttackParams, "attack", params)), params, distributed=True)
 
 
 @app.command()
@@ -53,7 +53,8 @@ def backdoor(trigger: Annotated[str, typer.Argument(help="trigger name")],
     """Fine-tune models/clean on the poisoned shards -> models/backdoor-TRIGGER-sSEED; fails if ASR < backdoor.min_asr."""
     from .pipeline import backdoor as work
     run(lambda: work(trigger, _section(P.AttackParams, "attack", params), _section(P.PoisonParams, "poison", params),
-                     _section(P.BackdoorParams, "backdoor", params), _section(P.EvalParams, "eval", params), seed=seed), params)
+                     _section(P.BackdoorParams, "backdoor", params), _section(P.EvalParams, "eval", params),
+                     seed=seed), params, distributed=True)
 
 
 @app.command()
@@ -63,7 +64,7 @@ def clean(trigger: Annotated[str, typer.Argument(help="trigger whose backdoored 
           params: ParamsFile = Path("params.yaml")):
     """Clean models/backdoor-TRIGGER-sSEED with METHOD on synthetic pairs -> models/METHOD-TRIGGER-sSEED."""
     from .pipeline import clean as work
-    run(lambda: work(trigger, method, seed, params), params)
+    run(lambda: work(trigger, method, seed, params), params, distributed=True)
 
 
 @app.command()
@@ -71,7 +72,7 @@ def harden(run_name: Annotated[str, typer.Argument(metavar="RUN", help="a key of
            params: ParamsFile = Path("params.yaml")):
     """FARE/TeCoA fine-tuning of a run's start model (harden.runs.RUN) -> models/RUN, with robust metrics."""
     from .robust import harden as work
-    run(lambda: work(run_name, params), params)
+    run(lambda: work(run_name, params), params, distributed=True)
 
 
 @app.command()

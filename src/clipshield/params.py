@@ -203,6 +203,19 @@ def objective_options(name: str, options: dict) -> dict:
 
 
 @dataclasses.dataclass
+class LaunchParams:
+    """How training stages run: processes (torchrun), precision and compilation."""
+    nproc: int = 1
+    precision: str = "auto"   # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
+    compile: str = "auto"     # auto: on for GPU, off for CPU | on | off
+
+
+def load_launch(path: str | Path = "params.yaml") -> LaunchParams:
+    data = read_yaml(path).get("train") if Path(path).exists() else None
+    return parse(LaunchParams, data, "train") if data is not None else LaunchParams()
+
+
+@dataclasses.dataclass
 class HardenParams(TrainParams):
     data: str = "data/train"
     runs: dict[str, dict] = dataclasses.field(default_factory=dict)
@@ -212,7 +225,7 @@ class HardenParams(TrainParams):
 
 def _sections() -> dict:
     from .robust import RobustParams
-    return {"data": DataParams, "eval": EvalParams, "pretrain": PretrainParams, "attack": AttackParams,
+    return {"train": LaunchParams, "data": DataParams, "eval": EvalParams, "pretrain": PretrainParams, "attack": AttackParams,
             "poison": PoisonParams, "backdoor": BackdoorParams, "clean": CleanParams, "harden": HardenParams,
             "robust": RobustParams}
 
@@ -244,6 +257,11 @@ def _constraints(v: dict) -> list[str]:
             need(p.grad_clip >= 0, f"{name}.grad_clip", p.grad_clip, "use a number >= 0 (0: no clipping)")
             need(p.shuffle >= 0, f"{name}.shuffle", p.shuffle, "use a buffer size >= 0")
             need(p.checkpoint_every >= 0, f"{name}.checkpoint_every", p.checkpoint_every, "use 0 (none) or more steps")
+    if "train" in v:
+        t = v["train"]
+        need(t.nproc >= 1, "train.nproc", t.nproc, "use a whole number >= 1 (processes per training stage)")
+        need(t.precision in ("auto", "bf16", "fp32"), "train.precision", t.precision, "choose auto, bf16 or fp32")
+        need(t.compile in ("auto", "on", "off"), "train.compile", t.compile, "choose auto, on or off")
     if "data" in v:
         need(v["data"].world in WORLDS, "data.world", v["data"].world, f"choose one of {sorted(WORLDS)}")
         for k in ("image_size", "train_n", "test_n", "per_shard"):

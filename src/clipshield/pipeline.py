@@ -16,6 +16,7 @@ from . import __version__
 from .attacks.triggers import TRIGGERS
 from .data import shards
 from .data.world import get_world, render
+from .distributed import is_main
 from .evaluation import evaluate_model, zeroshot_accuracy
 from .models import Clip, create, frozen_copy, load, save
 from .params import DataParams, EvalParams, TrainParams
@@ -97,6 +98,11 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
 
     Every `p.checkpoint_every` steps the state goes to `checkpoint_dir/name.pt`; a run that was
     killed resumes from there when the stage is re-run with the same params, data and start model."""
+    from .distributed import init_from_env
+    from .params import load_launch
+    init_from_env()
+    launch = load_launch()
+    on_gpu = device().type == "cuda"
     torch.manual_seed(p.seed)
     clip.model.to(device())
     frozen = frozen_copy(clip) if getattr(objective, "needs_frozen", False) else None
@@ -112,9 +118,12 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
     evaluate = (lambda c: {"zeroshot_top1": zeroshot_accuracy(c, curve_set["images"], curve_set["labels"])}) \
         if curve_set is not None else None
     Path(log_dir).mkdir(parents=True, exist_ok=True)
-    result = train(clip, objective, batches, train_config(p), frozen=frozen, evaluate=evaluate,
+    cfg = dataclasses.replace(train_config(p), bf16=launch.precision == "bf16" or (launch.precision == "auto" and on_gpu),
+                              compile=launch.compile == "on" or (launch.compile == "auto" and on_gpu))
+    result = train(clip, objective, batches, cfg, frozen=frozen, evaluate=evaluate,
                    log_file=Path(log_dir) / f"{name}.jsonl", description=name, checkpoint=checkpoint)
-    checkpoint.remove()
+    if is_main():
+        checkpoint.remove()
     return {"steps": result.steps, "seconds": round(result.seconds, 1),
             "samples_per_s": round(result.samples_per_s, 1),
             "final_loss": round(result.final_logs.get("loss", float("nan")), 4)}
@@ -124,7 +133,9 @@ def finish_model(clip: Clip, name: str, out_model: str | Path, metrics_file: str
                  test: dict, ev: EvalParams, triggers: dict[str, dict] | None, target: str | None,
                  check=None, extra: dict | None = None) -> dict:
     """Evaluate (plus `extra` metrics computed by the caller), run `check(metrics)` (a gate that may raise),
-    then write the model folder (with its metrics in provenance) and the metrics JSON."""
+    then write the model folder (with its metrics in provenance) and the metrics JSON. Rank 0 only."""
+    if not is_main():
+        return {}
     metrics = evaluate_model(clip, test, triggers=triggers, target=target, retrieval_n=ev.retrieval_n) | (extra or {})
     if check is not None:
         check(metrics)

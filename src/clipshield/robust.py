@@ -114,7 +114,8 @@ def harden(run: str, params_path: str | Path = "params.yaml") -> dict:
                                                               "robust": {"method": method, "options": options}},
                   "data": {"train": data_hash(data)},
                   "params": {k: v for k, v in vars(p).items() if k != "runs"}, "training": log}
-    extra = robust_metrics(clip, reference, test, rp)
+    from .distributed import is_main
+    extra = robust_metrics(clip, reference, test, rp) if is_main() else {}
     return finish_model(clip, name, f"models/{name}", f"metrics/{name}.json", provenance, test, ev, triggers,
                         attack.target, extra=extra)
 

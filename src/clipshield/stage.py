@@ -13,11 +13,34 @@ from .ui import console
 EXPECTED = (DataError, ModelError, ParamsError, TrainingError, ValueError, FileNotFoundError)
 
 
-def run(work, params: str | Path | None = "params.yaml") -> None:
-    """Validate the whole params file (every problem at once), then do `work`."""
+def launch_distributed(params: str | Path) -> None:
+    """With train.nproc > 1 outside torchrun, run this same command under torchrun and exit with its code."""
+    import os
+    import subprocess
+
+    from .distributed import available_devices
+    from .params import load_launch
+    nproc = load_launch(params).nproc
+    if nproc <= 1 or "LOCAL_RANK" in os.environ:
+        return
+    have, kind = available_devices()
+    if nproc > have:
+        raise ParamsError(f"train.nproc = {nproc} but this machine has {have} {kind}; set train.nproc <= {have} "
+                          f"(e.g. `dvc exp run -S train.nproc={have}`)")
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # `python -m pkg.mod`: relaunch the module
+    target = ["-m", spec.name, *sys.argv[1:]] if spec is not None and spec.name != "__main__" else sys.argv
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
+    sys.exit(subprocess.run(cmd).returncode)
+
+
+def run(work, params: str | Path | None = "params.yaml", distributed: bool = False) -> None:
+    """Validate the whole params file (every problem at once), then do `work` (a training stage with
+    `distributed`: under torchrun when train.nproc > 1)."""
     try:
         if params is not None and Path(params).exists():
             check_params(params)
+            if distributed:
+                launch_distributed(params)
         work()
     except EXPECTED as e:
         # One unwrapped line, no markup: messages quote params and lists verbatim.

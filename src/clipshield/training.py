@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from .models import Clip
+from .distributed import mean_over_ranks, world
 from .ui import console, progress_bar
 
 
@@ -33,6 +34,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0               # 0: no evaluation during training
+    bf16: bool = False                # autocast the objective in bfloat16 (GPU default)
+    compile: bool = False             # torch.compile the towers in place (GPU default)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -109,6 +112,27 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
+class ObjectiveStep(torch.nn.Module):
+    """The objective as a module whose forward returns (loss, logs), so DistributedDataParallel sees every
+    parameter use (the objectives call encode_image/encode_text, not the model's forward)."""
+
+    def __init__(self, clip: Clip, objective, frozen: Clip | None):
+        super().__init__()
+        self.model = clip.model
+        self.clip, self.objective, self.frozen = clip, objective, frozen  # plain attributes, not submodules
+
+    def forward(self, batch):
+        return self.objective(batch, self.clip, self.frozen)
+
+
+def _any_rank(flag: bool) -> bool:
+    if world()[1] == 1:
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(t)
+    return bool(t.item() > 0)
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -135,6 +159,20 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
         raise TrainingError(f"objective {objective.name} has no trainable parameters")
     opt = torch.optim.AdamW(param_groups(named, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     params = [p for _, p in named]
+    rank, size = world()
+    main = rank == 0
+    if cfg.compile:
+        clip.model.visual.compile()
+        clip.model.transformer.compile()
+    step_fn: torch.nn.Module = ObjectiveStep(clip, objective, frozen)
+    frozen_flags = {}
+    if size > 1:  # only the objective's parameters take part (DDP would wait for the others' gradients)
+        trainable_ids = {id(p) for p in params}
+        frozen_flags = {p: p.requires_grad for p in clip.model.parameters() if id(p) not in trainable_ids}
+        for p in frozen_flags:
+            p.requires_grad_(False)
+        step_fn = torch.nn.parallel.DistributedDataParallel(
+            step_fn, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     history: list[dict] = []
     logs: dict = {}
     start, seen = 0, 0
@@ -146,24 +184,26 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
         if hasattr(objective, "load_state_dict") and state.get("objective") is not None:
             objective.load_state_dict(state["objective"])
         start, seen, history = state["step"], state["seen"], state["history"]
-        console.print(f"{description}: resumed from step {start} ({checkpoint.path})")
+        if main:
+            console.print(f"{description}: resumed from step {start} ({checkpoint.path})")
     if callable(batches):
         batches = batches(start)
-    log = open(log_file, "w") if log_file else None
+    log = open(log_file, "w") if log_file and main else None
     if log:
         log.writelines(json.dumps(row) + "\n" for row in history)
     last_finite: dict = {}
     fresh, t0 = 0, time.perf_counter()  # samples this process trained on (throughput)
     try:
-        with progress_bar(description, total=cfg.steps, completed=start) as advance:
+        with progress_bar(description, total=cfg.steps, completed=start, show=main) as advance:
             for step in range(start, cfg.steps):
                 batch = next(batches)
                 batch["images"] = batch["images"].to(device, non_blocking=True)
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, cfg)
                 set_train_mode(clip.model, getattr(objective, "train_batchnorm", True))
-                loss, logs = objective(batch, clip, frozen)
-                if not torch.isfinite(loss):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss, logs = step_fn(batch)
+                if _any_rank(not torch.isfinite(loss)):
                     raise TrainingError(
                         f"{description}: the {objective.name} loss is {loss.item()} at step {step} "
                         f"(last finite values: {last_finite or 'none, it is the first step'}); lower the learning "
@@ -179,17 +219,17 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
                 last_finite = {"step": step, "loss": round(float(loss.detach()), 6)}
                 if done % cfg.log_every == 0 or done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0):
                     logs = {k: float(v) for k, v in logs.items()}
-                    row = {"step": done, "loss": float(loss.detach()), "lr": lr_at(step, cfg),
+                    row = {"step": done, "loss": mean_over_ranks(float(loss.detach())), "lr": lr_at(step, cfg),
                            "samples_per_s": fresh / (time.perf_counter() - t0),
                            **logs}
-                    if evaluate and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                    if main and evaluate and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                         clip.model.eval()
                         row.update(evaluate(clip))
                     history.append(row)
                     if log:
                         log.write(json.dumps(row) + "\n")
                         log.flush()
-                if checkpoint and checkpoint.every and done % checkpoint.every == 0 and done < cfg.steps:
+                if checkpoint and checkpoint.every and done % checkpoint.every == 0 and done < cfg.steps and main:
                     checkpoint.save({"step": done, "seen": seen, "model": clip.model.state_dict(),
                                      "optimizer": opt.state_dict(), "rng": _rng_state(), "history": history,
                                      "objective": objective.state_dict() if hasattr(objective, "state_dict") else None})
@@ -197,6 +237,8 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
     finally:
         if log:
             log.close()
+        for p, flag in frozen_flags.items():
+            p.requires_grad_(flag)
         clip.model.eval()
     seconds = time.perf_counter() - t0
     return TrainResult(cfg.steps, seconds, fresh / seconds, history[-1] if history else {}, history)

@@ -11,8 +11,12 @@ console = Console(stderr=True)
 
 
 @contextmanager
-def progress_bar(description: str, total: int, completed: int = 0):
-    """Yields `advance(n=1, **fields)`; fields (e.g. loss) are shown beside the bar."""
+def progress_bar(description: str, total: int, completed: int = 0, show: bool = True):
+    """Yields `advance(n=1, **fields)`; fields (e.g. loss) are shown beside the bar (`show=False`: nothing
+    is drawn, e.g. on the other ranks of a distributed run)."""
+    if not show:
+        yield lambda n=1, **fields: None
+        return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False, refresh_per_second=2) as progress:

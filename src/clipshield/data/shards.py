@@ -133,8 +133,10 @@ def iter_samples(data_dir: str | Path, shuffle: int = 0, seed: int = 0, decode: 
     """Stream samples: {"key", "image" (uint8 HxWx3, or the PNG bytes if not `decode`), "caption", "meta"}."""
     expected = shard_sizes(data_dir)
     urls = list(expected)
+    # nodesplitter: every rank reads every shard in the same order on purpose (iter_batches gives each rank
+    # its slice of every global batch), so N processes see exactly what one process sees.
     ds = wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False, seed=seed,
-                        empty_check=False, handler=_corrupt)
+                        empty_check=False, handler=_corrupt, nodesplitter=lambda u: u)
     if shuffle:
         ds = ds.shuffle(shuffle, seed=seed)
     seen = dict.fromkeys(urls, 0)
@@ -174,11 +176,14 @@ def iter_batches(data_dir: str | Path, batch_size: int, shuffle: int = 2000, see
 
     `epochs=None` repeats forever (step-based training). Memory is the shuffle buffer of PNG bytes.
     `start` skips that many batches without decoding them: a resumed run sees exactly the batches
-    an uninterrupted one would have seen from there on.
+    an uninterrupted one would have seen from there on. Under torchrun every rank reads the same global
+    batches and decodes only its own contiguous slice (distributed.local_slice).
     """
     per_epoch = num_samples(data_dir) // batch_size if drop_last else -(-num_samples(data_dir) // batch_size)
     if per_epoch == 0:
         raise DataError(f"{data_dir} holds fewer samples than one batch ({batch_size}); lower the batch size")
+    from ..distributed import local_slice
+    mine = local_slice(batch_size)  # under torchrun: this rank's share of every global batch
     epoch, skip = divmod(start, per_epoch)
     while epochs is None or epoch < epochs:
         buf: list[dict] = []
@@ -188,7 +193,7 @@ def iter_batches(data_dir: str | Path, batch_size: int, shuffle: int = 2000, see
                 if skip:
                     skip -= 1
                 else:
-                    yield collate(buf)
+                    yield collate(buf[mine])
                 buf = []
         if buf and not drop_last:
             yield collate(buf)

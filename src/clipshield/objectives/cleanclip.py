@@ -5,6 +5,7 @@ import random
 
 import torch
 
+from ..distributed import gather
 from .augment import auto_augment, eda
 from .clip import ClipObjective, clip_loss
 
@@ -30,9 +31,10 @@ class CleanClipObjective(ClipObjective):
         images = torch.cat([batch["images"], auto_augment(batch["images"])])
         captions = list(batch["captions"]) + [eda(c, self.rng) for c in batch["captions"]]
         img, txt = self.features(batch, clip, images=images, captions=captions)
+        img, img_aug, txt, txt_aug = (gather(f) for f in (img[:n], img[n:], txt[:n], txt[n:]))
         scale = torch.tensor(self.fixed_scale)
-        l_clip = clip_loss(img[:n], txt[:n], scale)
-        l_img = clip_loss(img[:n], img[n:], scale)
-        l_txt = clip_loss(txt[:n], txt[n:], scale)
+        l_clip = clip_loss(img, txt, scale)
+        l_img = clip_loss(img, img_aug, scale)
+        l_txt = clip_loss(txt, txt_aug, scale)
         loss = l_clip + self.weight * (l_img + l_txt) / 2
         return loss, {"clip_loss": l_clip.detach(), "inmodal_image": l_img.detach(), "inmodal_text": l_txt.detach()}

@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..distributed import gather
+
 MAX_LOGIT_SCALE = 100.0
 
 
@@ -43,7 +45,7 @@ class ClipObjective:
         return img, txt
 
     def __call__(self, batch, clip, frozen):
-        img, txt = self.features(batch, clip)
+        img, txt = map(gather, self.features(batch, clip))  # the global batch under torchrun
         scale = logit_scale_of(clip, self.fixed_scale)
         loss = clip_loss(img, txt, scale)
         return loss, {"clip_loss": loss.detach(), "logit_scale": float(scale.detach())}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import gather
 from .augment import par_augment
 from .clip import ClipObjective, clip_loss
 
@@ -37,11 +38,11 @@ class ParObjective(ClipObjective):
 
     def __call__(self, batch, clip, frozen):
         x = par_augment(batch["images"], **self.augment)
-        img, txt = self.features(batch, clip, images=x)
+        img, txt = map(gather, self.features(batch, clip, images=x))  # S_I, S_T: global batch means
         scale = torch.tensor(self.fixed_scale)
         if not self.perturb:  # plain fine-tuning: PAR without L_PERT, same data and augmentation
             loss = clip_loss(img, txt, scale)
             return loss, {"clip_loss": loss.detach()}
         with torch.no_grad():
-            img0, txt0 = self.features(batch, frozen, images=x)
+            img0, txt0 = map(gather, self.features(batch, frozen, images=x))
         return par_loss(img, txt, img0, txt0, scale, self.eps)

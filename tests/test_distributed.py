@@ -1,0 +1,85 @@
+"""torchrun + DDP on CPU (gloo): 2 processes and 1 process with the same global batch and seed give the same
+losses step by step; bad launch settings are refused before any work."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clipshield.data import shards
+from clipshield.pipeline import world_samples
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp") / "train"
+    shards.write_shards(world_samples("base", 0, 64, 32, "train"), folder, prefix="train", per_shard=32)
+    return folder
+
+
+def losses(data, out, model, objective, nproc):
+    cmd = [sys.executable, str(HERE / "ddp_losses.py"), str(data), str(out), model, objective, "5", "16"]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + cmd[1:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(Path(out).read_text())
+
+
+@pytest.mark.parametrize("model, objective", [("smoke-vit", "clip"), ("smoke-rn", "par")])
+def test_two_gloo_processes_match_one_process(data, tmp_path, model, objective):
+    one = losses(data, tmp_path / "one.json", model, objective, 1)
+    two = losses(data, tmp_path / "two.json", model, objective, 2)
+    assert (one["world"], two["world"]) == (1, 2)
+    assert len(one["loss"]) == len(two["loss"]) == 5
+    assert one["loss"] == pytest.approx(two["loss"], abs=1e-5)
+    if objective == "par":
+        assert one["s_i"] == pytest.approx(two["s_i"], abs=1e-5)
+    assert one["loss"][-1] != pytest.approx(one["loss"][0], abs=1e-4)  # it trained: the comparison is not vacuous
+    # (weights are not compared element by element: parameters whose gradient is ~0, e.g. attention key
+    # biases, take Adam steps of +-lr on summation-order noise; equal losses over 5 steps check the gradients)
+
+
+ROOT = HERE.parent
+
+
+def project(tmp_path, **train):
+    """A project folder with the smoke profile, a few pre-training steps and `train` launch settings."""
+    import yaml
+
+    from clipshield.params import deep_merge, read_yaml
+    params = deep_merge(read_yaml(ROOT / "params.yaml"), read_yaml(ROOT / "profiles" / "smoke.yaml"))
+    params = deep_merge(params, {"train": train, "pretrain": {"steps": 4, "eval_every": 0}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def clipshield(args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
+    return subprocess.run([sys.executable, "-m", "clipshield.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_more_processes_than_devices_is_refused_before_any_work(tmp_path):
+    root = project(tmp_path, nproc=4096)
+    r = clipshield(["pretrain"], root)
+    assert r.returncode == 1
+    assert f"train.nproc = 4096 but this machine has {os.cpu_count()} CPU cores" in r.stderr
+    assert not (root / "models").exists()
+
+
+def test_a_stage_with_nproc_2_runs_under_torchrun_and_rank_0_writes(tmp_path):
+    root = project(tmp_path, nproc=2)
+    assert clipshield(["data"], root).returncode == 0
+    r = clipshield(["pretrain"], root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (root / "models/clean/open_clip_model.safetensors").exists()
+    assert not (root / "models/clean.partial").exists() and not (root / "checkpoints/pretrain.pt").exists()
+    log = [json.loads(line) for line in (root / "dvclive/pretrain.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [4]  # one writer: no line twice
+    assert json.loads((root / "metrics/clean.json").read_text())["n_test"] == 200
