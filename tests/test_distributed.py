@@ -21,14 +21,15 @@ def data(tmp_path_factory):
     return folder
 
 
-def losses(data, out, model, objective, nproc):
-    cmd = [sys.executable, str(HERE / "ddp_losses.py"), str(data), str(out), model, objective, "5", "16"]
+def losses(data, out, model, objective, nproc, steps=5, extra=(), expect=0):
+    cmd = [sys.executable, str(HERE / "ddp_losses.py"), str(data), str(out), model, objective, str(steps), "16",
+           *map(str, extra)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + cmd[1:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(Path(out).read_text())
+    assert r.returncode == expect, r.stderr[-3000:]
+    return json.loads(Path(out).read_text()) if expect == 0 else r
 
 
 @pytest.mark.parametrize("model, objective", [("smoke-vit", "clip"), ("smoke-rn", "par")])
@@ -44,6 +45,16 @@ def test_two_gloo_processes_match_one_process(data, tmp_path, model, objective):
     # (weights are not compared element by element: parameters whose gradient is ~0, e.g. attention key
     # biases, take Adam steps of +-lr on summation-order noise; equal losses over 5 steps check the gradients)
 
+
+
+def test_a_one_process_checkpoint_resumes_on_two_processes(data, tmp_path):
+    straight = losses(data, tmp_path / "straight.json", "smoke-rn", "par", 1, steps=8)
+    ckpt = tmp_path / "run.pt"
+    crashed = losses(data, tmp_path / "crashed.json", "smoke-rn", "par", 1, steps=8, extra=(ckpt, 2, 5), expect=3)
+    assert ckpt.exists() and not (tmp_path / "crashed.json").exists(), crashed.stderr[-2000:]
+    resumed = losses(data, tmp_path / "resumed.json", "smoke-rn", "par", 2, steps=8, extra=(ckpt, 2))
+    assert resumed["world"] == 2
+    assert resumed["loss"] == pytest.approx(straight["loss"], abs=1e-5)  # steps 1-4 from the checkpoint, 5-8 on 2 ranks
 
 ROOT = HERE.parent
 

@@ -124,3 +124,122 @@ def test_stage_with_bad_params_fails_with_one_line(project):
         assert "Traceback" not in r.stderr
     finally:
         (root / "params.yaml").write_text(params)
+
+
+# ---- registry, remotes and scoring on the pipeline's real outputs ----------------------------------
+
+def md5s(root: Path, folders=("models", "data")) -> dict[str, str]:
+    import hashlib
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+            for f in folders for p in sorted((root / f).rglob("*")) if p.is_file()}
+
+
+def test_evaluate_any_model_gives_the_pipelines_numbers(project, tmp_path):
+    root, _ = project
+    out = tmp_path / "scored.json"
+    sh(f"clipshield evaluate --model local-dir:models/par-blended_stripes-s0 --trigger blended_stripes --out {out}",
+       root)
+    scored, stage = json.loads(out.read_text()), json.loads((root / "metrics/par-blended_stripes-s0.json").read_text())
+    keys = {"zeroshot_top1", "asr", "asr_all", "retrieval_asr", "i2t_r1", "i2t_r5", "t2i_r5", "n_test"}
+    assert keys <= set(scored)
+    assert {k: scored[k] for k in keys} == {k: stage[k] for k in keys}
+    robust = json.loads(sh("clipshield evaluate --model local-dir:models/fare-clean --robust", root).stdout)
+    fare = json.loads((root / "metrics/fare-clean.json").read_text())
+    assert robust["robust_top1_eps4"] == pytest.approx(fare["robust_top1_eps4"], abs=1e-4)
+
+
+def test_the_registry_declares_every_final_model(project):
+    root, _ = project
+    artifacts = yaml.safe_load((root / "dvc.yaml").read_text())["artifacts"]
+    models = sorted(p.name for p in (root / "models").iterdir())
+    assert sorted(artifacts) == models
+    for name, a in artifacts.items():
+        assert a["type"] == "model" and a["path"] == f"models/{name}" and a["desc"]
+        assert any(label.startswith("defence:") for label in a["labels"])
+        prov = json.loads((root / a["path"] / "provenance.json").read_text())
+        assert {"name", "code_version", "metrics", "params"} <= set(prov)
+    assert "trigger:blended_stripes" in artifacts["fare-par-blended_stripes-s0"]["labels"]
+    assert "defence:par+fare" in artifacts["fare-par-blended_stripes-s0"]["labels"]
+
+
+def test_push_then_fresh_clone_pull_restores_identical_models_and_shards(project, tmp_path):
+    root, _ = project
+    shutil.copy(REPO / ".dvc/config", root / ".dvc/config")  # the shipped default: a local folder remote
+    sh("git add -A && git commit -qm 'remote and results'", root)
+    sh("clipshield push", root)
+    assert (root.parent / "clipshield-storage").is_dir()  # ../clipshield-storage, beside the repository
+    clone = root.parent / "clone-beside"  # beside the original: the same ../clipshield-storage
+    sh(f"git clone -q {root} {clone}", tmp_path)
+    assert not (clone / "models").exists()
+    sh("clipshield pull", clone)
+    assert md5s(clone) == md5s(root)
+
+    # a model by name, from another directory, without cloning
+    got = tmp_path / "got"
+    sh(f"clipshield get par-blended_stripes-s0 --repo {root} --out {got}", tmp_path)
+    assert md5s(got, ["."]) == {k.removeprefix("models/par-blended_stripes-s0/"): v for k, v in md5s(root, ["models"]).items()
+                                if k.startswith("models/par-blended_stripes-s0/")}
+    # a registered version (a GTO tag NAME@vX.Y.Z), through `dvc artifacts get`
+    sh("git tag -a par-blended_stripes-s0@v0.1.0 -m registered", root)  # GTO reads annotated tags
+    sh(f"clipshield get par-blended_stripes-s0 --repo {root} --version v0.1.0 --out {tmp_path / 'v010'}", tmp_path)
+    assert md5s(tmp_path / "v010", ["."]) == md5s(got, ["."])
+    unknown = sh(f"clipshield get par-nope --repo {root}", tmp_path, check=False)
+    assert unknown.returncode == 1
+    assert "no artifact named 'par-nope'" in unknown.stderr and "clean, backdoor-blended_stripes-s0" in unknown.stderr
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server():
+    """moto's S3 server on 127.0.0.1, started and stopped by the test."""
+    import time
+    import urllib.request
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_push_pull_through_an_s3_server(project, tmp_path, s3_server, monkeypatch):
+    import boto3
+    root, _ = project
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="clipshield-test")
+    sh(f"dvc remote add -f s3test s3://clipshield-test/store && dvc remote modify s3test endpointurl {s3_server}", root)
+    sh("git add -A && git commit -qm 's3 remote' --allow-empty", root)
+    sh("clipshield push -r s3test", root)
+    listed = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket="clipshield-test")
+    assert listed["KeyCount"] > 10
+    clone = tmp_path / "clone"
+    sh(f"git clone -q {root} {clone}", tmp_path)
+    sh("clipshield pull -r s3test", clone)
+    assert md5s(clone) == md5s(root)
+
+
+def test_unreachable_remote_says_how_to_configure_it(project):
+    root, _ = project
+    sh(f"dvc remote add -f dead s3://nowhere/store && dvc remote modify dead endpointurl http://127.0.0.1:{free_port()}",
+       root)
+    env_free = sh("clipshield push -r dead", root, check=False)
+    assert env_free.returncode == 1
+    assert "failed (DVC's message is above)" in env_free.stderr
+    assert "dvc remote modify s3 endpointurl" in env_free.stderr and "dvc remote list" in env_free.stderr
+    sh("dvc remote remove dead", root)

@@ -81,13 +81,14 @@ def evaluate(model: Annotated[str, typer.Option(help="local-dir:PATH, or an open
              trigger: Annotated[list[str], typer.Option(help="trigger(s) to measure ASR for")] = [],
              target: Annotated[str, typer.Option(help="backdoor target class")] = "star",
              test: Annotated[Path, typer.Option(help="test shard folder")] = Path("data/test"),
-             test_n: Annotated[int, typer.Option(min=1, help="test images")] = 2000,
+             test_n: Annotated[Optional[int], typer.Option(min=1, help="test images (default: eval.test_n)")] = None,
+             robust: Annotated[bool, typer.Option(help="also robust accuracy at every eps of params' robust")] = False,
              params: ParamsFile = Path("params.yaml"),
              out: Annotated[Optional[Path], typer.Option(help="write the metrics JSON here")] = None):
-    """Score any CLIP model: clean zero-shot accuracy, retrieval, and ASR per trigger (trigger strengths
-    from params.yaml's attack.options). Prints the metrics as JSON on stdout."""
-    from .pipeline import evaluate_any
-    run(lambda: evaluate_any(model, pretrained, trigger, target, test, test_n, params, out), params)
+    """Score any CLIP model with the pipeline's metrics: clean zero-shot accuracy, retrieval, ASR per trigger
+    (trigger strengths from params.yaml's attack.options), robust accuracy. Prints the metrics as JSON."""
+    from .score import score
+    run(lambda: score(model, pretrained, trigger, target, test, test_n, params, out, robust), params)
 
 
 @app.command()
@@ -107,11 +108,46 @@ def triggers(out: Annotated[Path, typer.Option(help="PNG gallery to write")] = P
 
 
 @app.command()
+def registry(params: ParamsFile = Path("params.yaml")):
+    """Regenerate dvc.yaml's `artifacts:` (the model registry) from params.yaml."""
+    from .registry import sync_artifacts
+    run(lambda: typer.echo(f"dvc.yaml declares {sync_artifacts('dvc.yaml', params)} model artifacts"), params)
+
+
+@app.command()
+def get(name: Annotated[str, typer.Argument(help="artifact name, e.g. par-blended-s0 (see dvc.yaml artifacts)")],
+        repo: Annotated[str, typer.Option(help="repository path or URL")] = ".",
+        out: Annotated[Optional[str], typer.Option(help="where to write the model folder")] = None,
+        rev: Annotated[Optional[str], typer.Option(help="git revision to fetch it at (default: HEAD)")] = None,
+        version: Annotated[Optional[str], typer.Option(help="a registered version, e.g. v1.0.0 (git tag NAME@v1.0.0)")] = None):
+    """Fetch a registered model by name from a clipshield repository's remote storage."""
+    from .registry import get as work
+    run(lambda: work(name, repo, out, rev, version), params=None)
+
+
+@app.command()
+def push(remote: Annotated[Optional[str], typer.Option("-r", "--remote", help="DVC remote (default: local)")] = None):
+    """dvc push the models and data sets, with a hint on how to configure the remote if it fails."""
+    from .registry import transfer
+    run(lambda: transfer("push", remote), params=None)
+
+
+@app.command()
+def pull(targets: Annotated[Optional[list[str]], typer.Argument(help="stages or paths; default all")] = None,
+         remote: Annotated[Optional[str], typer.Option("-r", "--remote", help="DVC remote (default: local)")] = None):
+    """dvc pull versioned models and data sets, with a hint on how to configure the remote if it fails."""
+    from .registry import transfer
+    run(lambda: transfer("pull", remote, targets), params=None)
+
+
+@app.command()
 def profile(name: Annotated[str, typer.Argument(help="smoke | full | paper | seeds3, or a path to a YAML file")],
             params: ParamsFile = Path("params.yaml")):
     """Merge profiles/NAME.yaml into params.yaml (then `dvc repro`)."""
     path = Path(name) if name.endswith(".yaml") else Path("profiles") / f"{name}.yaml"
-    run(lambda: (P.apply_profile(path, params), typer.echo(f"params.yaml now uses profile {name}")), params=None)
+    from .registry import sync_artifacts
+    run(lambda: (P.apply_profile(path, params), sync_artifacts("dvc.yaml", params),
+                 typer.echo(f"params.yaml now uses profile {name}; dvc.yaml's artifacts follow it")), params=None)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ from pathlib import Path
 from .data.shards import DataError
 from .models import ModelError
 from .params import ParamsError, check_params
+from .registry import RemoteError
 from .training import TrainingError
 from .ui import console
 
-EXPECTED = (DataError, ModelError, ParamsError, TrainingError, ValueError, FileNotFoundError)
+EXPECTED = (DataError, ModelError, ParamsError, TrainingError, ValueError, FileNotFoundError, RemoteError)
 
 
 def launch_distributed(params: str | Path) -> None:

@@ -1,0 +1,109 @@
+"""The model registry (dvc.yaml `artifacts:`, generated from params.yaml) and remote storage commands.
+
+Every final model of the pipeline is a DVC artifact named like its folder under models/, with labels
+for its attack, trigger and defence; `clipshield get NAME` (or `dvc artifacts get REPO NAME`) fetches it.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from .params import read_yaml
+
+class RemoteError(RuntimeError):
+    """A dvc push/pull/get failed; the message says how to configure the remote."""
+
+
+MARKER = "# Model registry: generated from params.yaml by `clipshield registry` (do not edit by hand)."
+
+
+def final_models(params: dict) -> dict[str, dict]:
+    """name -> artifact entry for every model the pipeline writes under these params."""
+    triggers, seeds = params["attack"]["triggers"], params["seeds"]
+    out = {"clean": {"path": "models/clean", "type": "model", "desc": "CLIP pre-trained on clean data",
+                     "labels": ["attack:none", "defence:none"]}}
+    for t in triggers:
+        for s in seeds:
+            out[f"backdoor-{t}-s{s}"] = {
+                "path": f"models/backdoor-{t}-s{s}", "type": "model",
+                "desc": f"clean model backdoored with the {t} trigger (target {params['attack']['target']}, seed {s})",
+                "labels": ["attack:backdoor", f"trigger:{t}", "defence:none", f"seed:{s}"]}
+            for m in params["clean"]["methods"]:
+                out[f"{m}-{t}-s{s}"] = {
+                    "path": f"models/{m}-{t}-s{s}", "type": "model",
+                    "desc": f"backdoor-{t}-s{s} cleaned with {m} on synthetic pairs",
+                    "labels": ["attack:backdoor", f"trigger:{t}", f"defence:{m}", f"seed:{s}"]}
+    for run, spec in params["harden"]["runs"].items():
+        start = out.get(spec["start"], {"labels": []})
+        trigger = [label for label in start["labels"] if label.startswith(("attack:", "trigger:", "seed:"))]
+        before = [label.split(":", 1)[1] for label in start["labels"] if label.startswith("defence:")]
+        defence = "+".join([d for d in before if d != "none"] + [spec["method"]])
+        eps = spec.get("eps", (params.get(spec["method"]) or {}).get("eps", 4))
+        out[run] = {"path": f"models/{run}", "type": "model",
+                    "desc": f"{spec['start']} adversarially fine-tuned with {spec['method']} (eps {eps:g}/255)",
+                    "labels": (trigger or ["attack:none"]) + [f"defence:{defence}"]}
+    return out
+
+
+def artifacts_block(params: dict) -> str:
+    return MARKER + "\n" + yaml.safe_dump({"artifacts": final_models(params)}, sort_keys=False, width=120)
+
+
+def sync_artifacts(dvc_yaml: str | Path = "dvc.yaml", params_path: str | Path = "params.yaml") -> int:
+    """Rewrite the generated `artifacts:` block at the end of dvc.yaml; returns the number of artifacts."""
+    dvc_yaml = Path(dvc_yaml)
+    text = dvc_yaml.read_text()
+    head = text.split(MARKER)[0].rstrip("\n") + "\n\n"
+    params = read_yaml(params_path)
+    dvc_yaml.write_text(head + artifacts_block(params))
+    return len(final_models(params))
+
+
+def declared(repo: str | Path = ".") -> dict:
+    path = Path(repo) / "dvc.yaml"
+    if not path.exists():
+        raise ValueError(f"{repo} has no dvc.yaml; give the path or URL of a clipshield repository")
+    return (yaml.safe_load(path.read_text()) or {}).get("artifacts") or {}
+
+
+def get(name: str, repo: str = ".", out: str | None = None, rev: str | None = None,
+        version: str | None = None) -> None:
+    """Fetch a registered model by name. With `version` (a GTO tag `NAME@vX.Y.Z` in the repo), through
+    `dvc artifacts get`; otherwise the artifact's path at `rev` (default: HEAD) through `dvc get`.
+    An unknown name lists the registered ones."""
+    path = f"models/{name}"
+    if Path(repo).exists():
+        known = declared(repo)
+        if name not in known:
+            raise ValueError(f"no artifact named {name!r} in {repo}/dvc.yaml; registered: {', '.join(known)}")
+        path = known[name]["path"]
+    if version:
+        cmd = ["dvc", "artifacts", "get", str(repo), name, "--rev", version]
+    else:
+        cmd = ["dvc", "get", str(repo), path] + (["--rev", rev] if rev else [])
+    _dvc(cmd + (["-o", out] if out else []), "get")
+
+
+def _dvc(cmd: list[str], verb: str, remote: str | None = None) -> None:
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        where = f"remote {remote!r}" if remote else "the default remote"
+        raise RemoteError(
+            f"`{' '.join(cmd)}` failed (DVC's message is above). Check {where}: `dvc remote list` shows the "
+            f"remotes; the default local one needs no setup (`dvc remote default local`); for S3 set the URL "
+            f"and credentials: `dvc remote modify s3 url s3://BUCKET/PATH`, `dvc remote modify --local s3 "
+            f"access_key_id ...` and `secret_access_key ...` (or AWS_* environment variables), and "
+            f"`dvc remote modify s3 endpointurl URL` for a non-AWS server; see README, 'Pull a versioned model'")
+
+
+def transfer(verb: str, remote: str | None = None, targets: list[str] | None = None) -> None:
+    """dvc push / pull with a hint on how to configure the remote when it fails."""
+    cmd = ["dvc", verb] + (["-r", remote] if remote else []) + list(targets or [])
+    _dvc(cmd, verb, remote)
+
+
+if __name__ == "__main__":
+    print(sync_artifacts(*sys.argv[1:]))
