@@ -383,6 +383,6 @@ def check_params(path: str | Path = "params.yaml") -> None:
     """Raise one ParamsError listing every problem of the params file (nothing runs before it passes)."""
     problems = validate(read_yaml(path))
     if len(problems) == 1:
-        raise ParamsError(f"{path}: {problems[0]}")
+        raise ParamsError(problems[0] if problems[0].startswith(str(path)) else f"{path}: {problems[0]}")
     if problems:
         raise ParamsError(f"{path} has {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))

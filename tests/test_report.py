@@ -1,0 +1,47 @@
+"""The report's rows, seed aggregation (mean ± 95% t-interval) and verdicts, on hand-made metrics."""
+import json
+import math
+
+import pytest
+
+from clipshield.report import aggregate, collect, markdown_table, state
+
+
+@pytest.fixture
+def metrics(tmp_path):
+    def write(name, **m):
+        (tmp_path / f"{name}.json").write_text(json.dumps(m))
+    write("clean", zeroshot_top1=0.9, asr_blended=0.05, asr_all_blended=0.1, retrieval_asr_blended=0.02)
+    write("robust-clean", robust_top1_eps4=0.1)
+    for seed, asr in enumerate([0.1, 0.2, 0.3]):
+        write(f"par-blended-s{seed}", zeroshot_top1=0.8, asr=asr)
+    write("backdoor-blended-s0", zeroshot_top1=0.9, asr=0.95)
+    write("fare-par-blended-s0", zeroshot_top1=0.75, asr=0.02, robust_top1_eps4=0.5)
+    write("par-blended_stripes-s0", zeroshot_top1=0.1, asr=0.9)  # another trigger: not a `blended` row
+    return tmp_path
+
+
+def test_rows_and_mean_with_t_interval_by_hand(metrics):
+    runs = {"fare-par-blended-s0": {"method": "fare", "start": "par-blended-s0"}}
+    rows = collect(metrics, ["blended"], runs)
+    assert [r["model"] for r in rows] == ["clean", "backdoor-blended-s0", "par-blended-s0", "par-blended-s1",
+                                          "par-blended-s2", "fare-par-blended-s0"]
+    table = {r["model"]: r for r in aggregate(rows)}
+    par = table["par-blended"]
+    assert par["seeds"] == 3 and par["asr"] == pytest.approx(0.2)
+    # sd of (0.1, 0.2, 0.3) is 0.1; t_{0.975,2} = 4.303
+    assert par["asr_ci"] == pytest.approx(4.303 * 0.1 / math.sqrt(3))
+    assert "zeroshot_top1_ci" in par and par["zeroshot_top1_ci"] == pytest.approx(0.0)
+    assert "asr_ci" not in table["backdoor-blended"]
+    assert table["clean (blended)"]["asr"] == 0.05 and table["clean (blended)"]["robust_top1_eps4"] == 0.1
+    assert table["fare-par-blended"]["trigger"] == "blended"
+    md = markdown_table(list(table.values()))
+    assert "| par-blended | 3 | 0.800 ± 0.000 | 0.200 ± 0.248 |" in md
+
+
+def test_verdicts():
+    assert state({"method": "backdoor", "asr": 0.95}, 0.1) == "backdoored"
+    assert state({"method": "par", "asr": 0.2}, 0.1) == "backdoor mostly removed"
+    assert state({"method": "fare", "asr": 0.02, "robust_top1_eps4": 0.55}, 0.1) == \
+        "backdoor removed, robust (+45 pts at 4/255)"
+    assert state({"method": "fare", "robust_top1_eps4": 0.15}, 0.1) == "not robust"
