@@ -146,7 +146,7 @@ def profile(name: Annotated[str, typer.Argument(help="smoke | full | paper | see
     """Merge profiles/NAME.yaml into params.yaml (then `dvc repro`)."""
     path = Path(name) if name.endswith(".yaml") else Path("profiles") / f"{name}.yaml"
     from .registry import sync_artifacts
-    run(lambda: (P.apply_profile(path, params), sync_artifacts("dvc.yaml", params),
+    run(lambda: (P.apply_profile(path, params), Path("dvc.yaml").exists() and sync_artifacts("dvc.yaml", params),
                  typer.echo(f"params.yaml now uses profile {name}; dvc.yaml's artifacts follow it")), params=None)
 
 

@@ -255,19 +255,3 @@ def clean(trigger: str, method: str, seed: int = 0, params_path="params.yaml") -
                   "data": {"clean": p.data, "hash": data_hash(p.data)}, "params": vars(p), "training": log}
     return finish_model(clip, name, f"models/{name}", f"metrics/{name}.json", provenance, test, ev,
                         {trigger: trig_opts}, attack.target)
-
-
-def evaluate_any(model: str, pretrained: str | None, triggers: list[str], target: str, test_dir, test_n: int,
-                 params_path="params.yaml", out=None) -> dict:
-    """Score any open_clip model (a local-dir folder or a name + pretrained tag) with the pipeline's metrics."""
-    from .params import AttackParams, load_section
-    options = load_section(AttackParams, "attack", params_path).options if Path(params_path).exists() else {}
-    clip = load(model) if model.startswith("local-dir:") or Path(model).is_dir() else create(model, pretrained)
-    clip.model.to(device())
-    test = shards.load_all(test_dir, limit=test_n)
-    metrics = evaluate_model(clip, test, triggers={t: options.get(t, {}) for t in triggers} or None,
-                             target=target, retrieval_n=min(1000, test_n))
-    if out:
-        write_metrics(out, metrics)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=1))
-    return metrics

@@ -104,8 +104,9 @@ def robust_vs_eps(rows: list[dict], out: Path) -> bool:
     for r in rows:
         points = sorted((float(k.removeprefix("robust_top1_eps").replace("_", ".")), v) for k, v in r.items()
                         if k.startswith("robust_top1_eps") and not k.endswith("_ci") and isinstance(v, float))
-        if points and r["model"] not in {s[0] for s in series}:
-            series.append((r["model"].split(" (")[0], [(0.0, r["zeroshot_top1"])] + points))
+        name = r["model"].split(" (")[0]  # the clean model has one row per trigger
+        if points and name not in {s[0] for s in series}:
+            series.append((name, [(0.0, r["zeroshot_top1"])] + points))
     if not series:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
