@@ -334,9 +334,10 @@ def _method_problems(raw: dict) -> list[str]:
             where = f"{name}.{key}"
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 out.append(f"`{where}` = {value!r} must be a number")
-            elif key in ("eps", "step_size") and name in ROBUST_METHODS and not 0 < value <= 255 and \
-                    not (key == "eps" and value == 0):
-                out.append(f"`{where}` = {value!r} is not allowed; it is in 1/255 units: use a number in [0, 255]")
+            elif name in ROBUST_METHODS and key in ("eps", "step_size") and not (
+                    0 <= value <= 255 if key == "eps" else 0 < value <= 255):
+                out.append(f"`{where}` = {value!r} is not allowed; it is in 1/255 units: use a number in "
+                           + ("[0, 255]" if key == "eps" else "(0, 255]"))
             elif key == "eps" and value < 0:
                 out.append(f"`{where}` = {value!r} is not allowed; use a number >= 0")
             elif key.endswith("_p") and not 0 <= value <= 1:

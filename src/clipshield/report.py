@@ -16,7 +16,6 @@ from .evaluation import trigger_images  # noqa: E402
 from .ui import console  # noqa: E402
 
 METHOD_ORDER = ("backdoor", "finetune", "cleanclip", "par")
-ROBUST_METHODS = ("fare", "tecoa")
 # t_{0.975, n-1} for the 95% confidence interval of a mean over n seeds (n = 2..10)
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 COLUMNS = ("zeroshot_top1", "asr", "asr_all", "retrieval_asr", "i2t_r5", "t2i_r5", "robust_top1_eps2",

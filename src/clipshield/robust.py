@@ -73,26 +73,28 @@ class RobustParams:
     distortion_n: int = 200
 
 
-def robust_metrics(clip: Clip, reference: Clip, test: dict, rp: RobustParams) -> dict:
+def robust_accuracies(clip: Clip, test: dict, rp: RobustParams) -> dict:
+    """robust_top1_eps<E> for every eps of `rp` (1/255 units), on the first `rp.n` test images."""
     images, labels = test["images"][:rp.n], test["labels"][:rp.n]
-    out = {}
-    for e in rp.eps:
-        key = f"{e:g}".replace(".", "_")
-        out[f"robust_top1_eps{key}"] = robust_accuracy(clip, images, labels, e / 255, rp.steps)["robust_top1"]
-    dist = embedding_distortion(clip, reference, test["images"][:rp.distortion_n], max(rp.eps) / 255)
-    return out | dist
+    return {f"robust_top1_eps{e:g}".replace(".", "_"): robust_accuracy(clip, images, labels, e / 255, rp.steps)["robust_top1"]
+            for e in rp.eps}
+
+
+def robust_metrics(clip: Clip, reference: Clip, test: dict, rp: RobustParams) -> dict:
+    accuracies = robust_accuracies(clip, test, rp)  # first: the distortion's PGD start draws from the global RNG
+    return accuracies | embedding_distortion(clip, reference, test["images"][:rp.distortion_n], max(rp.eps) / 255)
 
 
 def harden(run: str, params_path: str | Path = "params.yaml") -> dict:
     """Run `harden.runs.<run>`: FARE/TeCoA fine-tuning of models/<start> on the clean train shards -> models/<run>,
     evaluated for clean accuracy, ASR (where the start model had a trigger), robust accuracy, distortion."""
     from .params import AttackParams, EvalParams, HardenParams, load_section, objective_options, parse, read_yaml
+    from .distributed import is_main
     from .pipeline import data_hash, finish_model, load_test, run_training
-    from .models import load
+    from .models import load, read_provenance
     from .objectives import build_objective
     raw = read_yaml(params_path)
     p = load_section(HardenParams, "harden", params_path)
-    data = p.data
     rp = parse(RobustParams, raw["robust"], "robust")
     attack = load_section(AttackParams, "attack", params_path)
     ev = load_section(EvalParams, "eval", params_path)
@@ -101,22 +103,20 @@ def harden(run: str, params_path: str | Path = "params.yaml") -> dict:
     spec = p.runs[run]
     method, start = spec["method"], spec["start"]
     options = objective_options(method, raw.get(method) or {}) | ({"eps": spec["eps"]} if "eps" in spec else {})
-    name = run
     clip = load(f"models/{start}")
     reference = load("models/clean")
     test = load_test(ev)
-    log = run_training(clip, build_objective(method, **options), data, p, name)
-    parent = __import__("json").loads((Path("models") / start / "provenance.json").read_text())
+    log = run_training(clip, build_objective(method, **options), p.data, p, run)
+    parent = read_provenance(f"models/{start}")
     trigger = parent.get("attack", {}).get("trigger")
     triggers = {trigger: attack.options.get(trigger, {})} if trigger else None
     provenance = {"stage": "harden", "parent": {"model": f"models/{start}", "name": start},
                   "attack": parent.get("attack"), "defence": {**(parent.get("defence") or {}),
                                                               "robust": {"method": method, "options": options}},
-                  "data": {"train": data_hash(data)},
+                  "data": {"train": data_hash(p.data)},
                   "params": {k: v for k, v in vars(p).items() if k != "runs"}, "training": log}
-    from .distributed import is_main
     extra = robust_metrics(clip, reference, test, rp) if is_main() else {}
-    return finish_model(clip, name, f"models/{name}", f"metrics/{name}.json", provenance, test, ev, triggers,
+    return finish_model(clip, run, f"models/{run}", f"metrics/{run}.json", provenance, test, ev, triggers,
                         attack.target, extra=extra)
 
 
@@ -126,7 +126,7 @@ def robust_baseline(model: str = "clean", params_path: str | Path = "params.yaml
 
     from .params import EvalParams, load_section, parse, read_yaml
     from .pipeline import load_test, write_metrics
-    from .models import load
+    from .models import load, read_provenance
     rp = parse(RobustParams, read_yaml(params_path)["robust"], "robust")
     clip = load(f"models/{model}")
     metrics = robust_metrics(clip, load("models/clean"), load_test(load_section(EvalParams, "eval", params_path)), rp)

@@ -14,7 +14,7 @@ from .evaluation import evaluate_model
 from .models import create, load
 from .params import AttackParams, EvalParams, parse, read_yaml
 from .pipeline import device, write_metrics
-from .robust import RobustParams, robust_accuracy
+from .robust import RobustParams, robust_accuracies
 
 
 def score(model: str, pretrained: str | None, triggers: list[str], target: str, test_dir: str | Path,
@@ -31,10 +31,7 @@ def score(model: str, pretrained: str | None, triggers: list[str], target: str, 
                              retrieval_n=min(ev.retrieval_n, test_n))
     if robust:
         rp = parse(RobustParams, raw["robust"], "robust") if "robust" in raw else RobustParams([2.0, 4.0], 200, 100)
-        for e in rp.eps:
-            key = f"robust_top1_eps{e:g}".replace(".", "_")
-            metrics[key] = robust_accuracy(clip, test["images"][:rp.n], test["labels"][:rp.n], e / 255,
-                                           rp.steps)["robust_top1"]
+        metrics |= robust_accuracies(clip, test, rp)
     if out:
         write_metrics(out, metrics)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in sorted(metrics.items())}, indent=1))
