@@ -6,7 +6,8 @@ batch size), measured in one process, alternating, so the ratio is robust to a n
 
 With --nproc N it instead compares the clipshield loop on 1 process and on N processes (torchrun + DDP,
 same global batch), and with --objectives clip,par,fare (e.g. --model ViT-B-32 --batch 256 --bf16 on a
-GPU) the samples/s of each objective.
+GPU) the samples/s of each objective; --accum K adds each objective with K micro-batches per step
+(gradient accumulation: contrastive objectives pay one extra forward per micro-batch).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def bare_loop(model_name: str, batch: dict, steps: int) -> float:
 
 
 def clipshield_loop(model_name: str, data: Path, batch_size: int, steps: int, objective: str = "clip",
-                    bf16: bool = False) -> float:
+                    bf16: bool = False, accum: int = 1) -> float:
     """Samples/s (global, over all processes) of the loop; under torchrun every rank trains its slice."""
     from clipshield import distributed
     from clipshield.models import frozen_copy
@@ -54,7 +55,7 @@ def clipshield_loop(model_name: str, data: Path, batch_size: int, steps: int, ob
     clip.model.to(device())
     obj = build_objective(objective)
     frozen = frozen_copy(clip) if getattr(obj, "needs_frozen", False) else None
-    cfg = TrainConfig(steps=steps, lr=1e-4, log_every=10**9, bf16=bf16)
+    cfg = TrainConfig(steps=steps, lr=1e-4, log_every=10**9, bf16=bf16, accum=accum)
     batches = shards.iter_batches(data, batch_size, shuffle=2000, seed=0)
     result = train(clip, obj, batches, cfg, frozen=frozen, description=f"clipshield loop ({objective})")
     return result.samples_per_s * distributed.world()[1]
@@ -89,6 +90,7 @@ def main():
     ap.add_argument("--nproc", type=int, default=1, help="compare 1 process with NPROC (torchrun + DDP)")
     ap.add_argument("--objectives", default="", help="comma-separated objectives to time, e.g. clip,par,fare")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    ap.add_argument("--accum", type=int, default=1, help="also time K micro-batches per step (with --objectives)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -106,8 +108,13 @@ def main():
             return compare_processes(a, data)
         if a.objectives:
             for objective in a.objectives.split(","):
-                rate = max(clipshield_loop(a.model, data, a.batch, a.steps, objective, a.bf16) for _ in range(a.rounds))
-                print(f"{objective:>10}: {rate:8.1f} samples/s  (model {a.model}, batch {a.batch}, bf16 {a.bf16})")
+                rates = {}
+                for k in sorted({1, a.accum}):
+                    rates[k] = max(clipshield_loop(a.model, data, a.batch, a.steps, objective, a.bf16, accum=k)
+                                   for _ in range(a.rounds))
+                print(f"{objective:>10}: {rates[1]:8.1f} samples/s  (model {a.model}, batch {a.batch}, bf16 {a.bf16})"
+                      + (f"; accum {a.accum}: {rates[a.accum]:8.1f} samples/s, ratio {rates[a.accum] / rates[1]:.3f}"
+                         if a.accum > 1 else ""))
             return
         batch = next(shards.iter_batches(data, a.batch, shuffle=0))
         ours, bare = [], []

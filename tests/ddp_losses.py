@@ -3,6 +3,7 @@
     python tests/ddp_losses.py DATA OUT MODEL OBJECTIVE STEPS GLOBAL_BATCH [CHECKPOINT EVERY [CRASH_AFTER]]
 
 With CRASH_AFTER the process dies (os._exit, no clean-up) after that many steps, leaving its checkpoint.
+The environment variable ACCUM sets gradient accumulation (micro-batches per step, default 1).
 """
 import json
 import os
@@ -25,7 +26,8 @@ clip = models.create(model, seed=0)
 options = {"noise_p": 0.0, "erase_p": 0.0} if objective == "par" else {}  # augmentation draws are per rank
 obj = build_objective(objective, **options)
 frozen = models.frozen_copy(clip) if getattr(obj, "needs_frozen", False) else None
-cfg = TrainConfig(steps=int(steps), lr=1e-3, warmup=0, schedule="constant", weight_decay=0.0, log_every=1)
+cfg = TrainConfig(steps=int(steps), lr=1e-3, warmup=0, schedule="constant", weight_decay=0.0, log_every=1,
+                  accum=int(os.environ.get("ACCUM", "1")))
 
 
 def batches(start):

@@ -21,12 +21,12 @@ def data(tmp_path_factory):
     return folder
 
 
-def losses(data, out, model, objective, nproc, steps=5, extra=(), expect=0):
+def losses(data, out, model, objective, nproc, steps=5, extra=(), expect=0, accum=1):
     cmd = [sys.executable, str(HERE / "ddp_losses.py"), str(data), str(out), model, objective, str(steps), "16",
            *map(str, extra)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + cmd[1:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCUM": str(accum)}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if r.returncode != expect and nproc > 1 and any(w in r.stderr for w in ("Address already in use", "Rendezvous",
                                                                               "Connection reset", "Connection refused")):
@@ -48,6 +48,15 @@ def test_two_gloo_processes_match_one_process(data, tmp_path, model, objective):
     # (weights are not compared element by element: parameters whose gradient is ~0, e.g. attention key
     # biases, take Adam steps of +-lr on summation-order noise; equal losses over 5 steps check the gradients)
 
+
+def test_two_processes_with_accumulation_match_one_process(data, tmp_path):
+    """Global batch 16 = 2 processes x 2 micro-batches of 4: the gathered-feature gradient cache and the
+    averaged gradients give the losses of one process in one pass."""
+    one = losses(data, tmp_path / "one.json", "smoke-vit", "clip", 1)
+    two = losses(data, tmp_path / "two.json", "smoke-vit", "clip", 2, accum=2)
+    assert two["world"] == 2
+    assert one["loss"] == pytest.approx(two["loss"], abs=1e-5)
+    assert one["loss"][-1] != pytest.approx(one["loss"][0], abs=1e-4)
 
 
 def test_a_one_process_checkpoint_resumes_on_two_processes(data, tmp_path):

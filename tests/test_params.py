@@ -147,3 +147,16 @@ def test_repo_params_yaml_parses():
     parse(PretrainParams, data["pretrain"], "pretrain")
     parse(CleanParams, data["clean"], "clean")
     parse(AttackParams, data["attack"], "attack")
+
+
+def test_accumulation_must_split_every_batch():
+    from pathlib import Path
+
+    from clipshield.params import validate
+    root = Path(__file__).parent.parent
+    problems = validate(deep_merge(read_yaml(root / "params.yaml"), {"train": {"accum": 3}}))
+    assert any("`pretrain.batch_size` = 128 does not split over train.nproc x train.accum = 1 x 3; use a multiple of 3"
+               in p for p in problems), problems
+    assert any("`train.accum` = 0 is not allowed" in p
+               for p in validate(deep_merge(read_yaml(root / "params.yaml"), {"train": {"accum": 0}})))
+    assert validate(deep_merge(read_yaml(root / "params.yaml"), {"train": {"accum": 4}})) == []  # 128 and 64 split in 4

@@ -208,6 +208,7 @@ class LaunchParams:
     nproc: int = 1
     precision: str = "auto"   # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
     compile: str = "auto"     # auto: on for GPU, off for CPU | on | off
+    accum: int = 1            # micro-batches per step (gradient accumulation): batch_size / (nproc x accum) at a time
 
 
 def load_launch(path: str | Path = "params.yaml") -> LaunchParams:
@@ -262,6 +263,11 @@ def _constraints(v: dict) -> list[str]:
         need(t.nproc >= 1, "train.nproc", t.nproc, "use a whole number >= 1 (processes per training stage)")
         need(t.precision in ("auto", "bf16", "fp32"), "train.precision", t.precision, "choose auto, bf16 or fp32")
         need(t.compile in ("auto", "on", "off"), "train.compile", t.compile, "choose auto, on or off")
+        need(t.accum >= 1, "train.accum", t.accum, "use a whole number >= 1 (micro-batches per step)")
+        for name, p in v.items():
+            if isinstance(p, TrainParams) and t.nproc >= 1 and t.accum >= 1 and p.batch_size % (t.nproc * t.accum):
+                out.append(f"`{name}.batch_size` = {p.batch_size} does not split over train.nproc x train.accum = "
+                           f"{t.nproc} x {t.accum}; use a multiple of {t.nproc * t.accum}")
     if "data" in v:
         need(v["data"].world in WORLDS, "data.world", v["data"].world, f"choose one of {sorted(WORLDS)}")
         for k in ("image_size", "train_n", "test_n", "per_shard"):

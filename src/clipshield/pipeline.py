@@ -119,7 +119,8 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
         if curve_set is not None else None
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(train_config(p), bf16=launch.precision == "bf16" or (launch.precision == "auto" and on_gpu),
-                              compile=launch.compile == "on" or (launch.compile == "auto" and on_gpu))
+                              compile=launch.compile == "on" or (launch.compile == "auto" and on_gpu),
+                              accum=launch.accum)
     result = train(clip, objective, batches, cfg, frozen=frozen, evaluate=evaluate,
                    log_file=Path(log_dir) / f"{name}.jsonl", description=name, checkpoint=checkpoint)
     if is_main():

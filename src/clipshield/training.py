@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from .models import Clip
-from .distributed import mean_over_ranks, world
+from .distributed import gather, mean_over_ranks, world
 from .ui import console, progress_bar
 
 
@@ -36,6 +36,7 @@ class TrainConfig:
     eval_every: int = 0               # 0: no evaluation during training
     bf16: bool = False                # autocast the objective in bfloat16 (GPU default)
     compile: bool = False             # torch.compile the towers in place (GPU default)
+    accum: int = 1                    # micro-batches per step (gradient accumulation), each 1/accum of the batch
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -125,6 +126,80 @@ class ObjectiveStep(torch.nn.Module):
         return self.objective(batch, self.clip, self.frozen)
 
 
+def split_batch(batch: dict, parts: int) -> list[dict]:
+    """`batch` cut into `parts` consecutive micro-batches (tensors and lists of one row per sample)."""
+    n = batch["images"].shape[0]
+    if n % parts:
+        raise ValueError(f"a batch of {n} samples per process does not split into {parts} equal micro-batches; "
+                         f"choose a batch_size that is a multiple of train.nproc x train.accum")
+    size = n // parts
+    cut = lambda v, i: v[i * size:(i + 1) * size] if isinstance(v, (torch.Tensor, list, tuple)) and len(v) == n else v
+    return [{k: cut(v, i) for k, v in batch.items()} for i in range(parts)]
+
+
+def accumulate(objective, batch: dict, clip: Clip, frozen: Clip | None, parts: int, bf16: bool) -> tuple[torch.Tensor, dict]:
+    """Backward of the objective over `batch` in `parts` micro-batches; leaves the gradients of the whole
+    batch in .grad and returns (loss, logs) as one pass would.
+
+    Random draws are made once for the whole batch (`objective.prepare`), so the micro-batches see what one
+    pass would. Contrastive objectives (`encode` + `loss`) need every pair in the batch: the features are
+    computed without gradients first, the loss over all of them gives d loss / d features, and each
+    micro-batch is then encoded again and back-propagated with its slice of those gradients (GradCache;
+    open_clip's accum_freq re-evaluates the loss instead). Exact up to float rounding, except for
+    batch-norm layers that normalise with batch statistics. Per-sample losses (FARE, TeCoA) average."""
+    device_type = batch["images"].device.type
+    autocast = lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
+    micro = split_batch(objective.prepare(batch), parts)
+    if not hasattr(objective, "encode"):
+        total, logs = 0.0, {}
+        for m in micro:
+            with autocast():
+                loss, part_logs = objective.batch_loss(m, clip, frozen)
+            (loss / parts).backward()
+            total = total + loss.detach() / parts
+            logs = {k: logs.get(k, 0.0) + float(v) / parts for k, v in part_logs.items()}
+        return total, logs
+    buffers = {k: v.clone() for k, v in clip.model.named_buffers()}  # the first pass must not count twice
+    states, cached = [], []
+    with torch.no_grad():
+        for m in micro:
+            states.append(_rng_state())
+            with autocast():
+                cached.append(objective.encode(m, clip, frozen))
+    with torch.no_grad():
+        for k, v in clip.model.named_buffers():
+            v.copy_(buffers[k])
+    leaves = {k: torch.cat([f[k] for f in cached]).requires_grad_() for k in cached[0]}
+    with autocast():
+        loss, logs = objective.loss({k: gather(v) for k, v in leaves.items()}, clip)
+    loss.backward()  # d loss / d features (and the gradient of parameters the loss uses directly: logit scale)
+    rows = 0
+    for m, state in zip(micro, states):
+        _set_rng_state(state)  # dropout draws as in the first pass
+        with autocast():
+            f = objective.encode(m, clip, frozen)
+        n = m["images"].shape[0]
+        pairs = [(v, leaves[k].grad[rows:rows + n]) for k, v in f.items() if v.requires_grad]
+        torch.autograd.backward([v for v, _ in pairs], [g for _, g in pairs])
+        rows += n
+    return loss.detach(), logs
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """What DDP does after backward, for the accumulation path: the mean of every gradient over ranks."""
+    size = world()[1]
+    grads = [p.grad for p in params if p.grad is not None]
+    if size == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def _any_rank(flag: bool) -> bool:
     if world()[1] == 1:
         return flag
@@ -171,8 +246,12 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
         frozen_flags = {p: p.requires_grad for p in clip.model.parameters() if id(p) not in trainable_ids}
         for p in frozen_flags:
             p.requires_grad_(False)
+    if size > 1 and cfg.accum == 1:
         step_fn = torch.nn.parallel.DistributedDataParallel(
             step_fn, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+    elif size > 1:  # accumulation averages gradients itself (average_gradients); start from rank 0's weights as DDP
+        for t in list(clip.model.parameters()) + list(clip.model.buffers()):
+            torch.distributed.broadcast(t.data, src=0)
     history: list[dict] = []
     logs: dict = {}
     start, seen = 0, 0
@@ -201,15 +280,20 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, cfg)
                 set_train_mode(clip.model, getattr(objective, "train_batchnorm", True))
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss, logs = step_fn(batch)
+                opt.zero_grad(set_to_none=True)
+                if cfg.accum == 1:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        loss, logs = step_fn(batch)
+                else:
+                    loss, logs = accumulate(objective, batch, clip, frozen, cfg.accum, cfg.bf16)
+                    average_gradients(params)
                 if _any_rank(not torch.isfinite(loss)):
                     raise TrainingError(
                         f"{description}: the {objective.name} loss is {loss.item()} at step {step} "
                         f"(last finite values: {last_finite or 'none, it is the first step'}); lower the learning "
                         f"rate (now {cfg.lr:g}) or raise warm-up (now {cfg.warmup}); nothing was saved")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if cfg.accum == 1:
+                    loss.backward()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()

@@ -25,15 +25,16 @@ def check_attack(eps: float, steps: int, step_size: float) -> None:
 
 def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float, steps: int = 10,
         step_size: float = 1 / 255, random_start: bool = True, momentum: float = 0.0,
-        generator: torch.Generator | None = None) -> torch.Tensor:
+        generator: torch.Generator | None = None, start_noise: torch.Tensor | None = None) -> torch.Tensor:
     """Maximise `loss_fn(z)` (a scalar, e.g. a batch mean) over ||z - x||_inf <= eps, z in [0, 1].
 
     Steps go along sign(v), v = momentum * v + sign(grad) (momentum=0: plain signed gradient ascent,
-    as in Madry et al.; the FARE reference code uses momentum 0.9)."""
+    as in Madry et al.; the FARE reference code uses momentum 0.9). The random start is x + eps * u with u
+    uniform in [-1, 1], drawn here or given as `start_noise` (drawn earlier, e.g. once for a whole batch)."""
     check_attack(eps, steps, step_size)
     x = x.detach()
     if random_start:
-        noise = torch.rand(x.shape, generator=generator).to(x) * 2 - 1
+        noise = start_noise.to(x) if start_noise is not None else torch.rand(x.shape, generator=generator).to(x) * 2 - 1
         x_adv = project(x + eps * noise, x, eps)
     else:
         x_adv = x.clone()

@@ -5,7 +5,6 @@ import random
 
 import torch
 
-from ..distributed import gather
 from .augment import auto_augment, eda
 from .clip import ClipObjective, clip_loss
 
@@ -26,15 +25,20 @@ class CleanClipObjective(ClipObjective):
     def load_state_dict(self, state: dict) -> None:
         self.rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
 
-    def __call__(self, batch, clip, frozen):
-        n = batch["images"].shape[0]
-        images = torch.cat([batch["images"], auto_augment(batch["images"])])
-        captions = list(batch["captions"]) + [eda(c, self.rng) for c in batch["captions"]]
-        img, txt = self.features(batch, clip, images=images, captions=captions)
-        img, img_aug, txt, txt_aug = (gather(f) for f in (img[:n], img[n:], txt[:n], txt[n:]))
+    def prepare(self, batch):
+        return {**batch, "images_aug": auto_augment(batch["images"]),
+                "captions_aug": [eda(c, self.rng) for c in batch["captions"]]}
+
+    def encode(self, batch, clip, frozen):
+        n = batch["images"].shape[0]  # one forward per tower over both views (as the batch-norm statistics saw it)
+        img, txt = self.features(clip, torch.cat([batch["images"], batch["images_aug"]]),
+                                 list(batch["captions"]) + list(batch["captions_aug"]))
+        return {"img": img[:n], "img_aug": img[n:], "txt": txt[:n], "txt_aug": txt[n:]}
+
+    def loss(self, f, clip):
         scale = torch.tensor(self.fixed_scale)
-        l_clip = clip_loss(img, txt, scale)
-        l_img = clip_loss(img, img_aug, scale)
-        l_txt = clip_loss(txt, txt_aug, scale)
+        l_clip = clip_loss(f["img"], f["txt"], scale)
+        l_img = clip_loss(f["img"], f["img_aug"], scale)
+        l_txt = clip_loss(f["txt"], f["txt_aug"], scale)
         loss = l_clip + self.weight * (l_img + l_txt) / 2
         return loss, {"clip_loss": l_clip.detach(), "inmodal_image": l_img.detach(), "inmodal_text": l_txt.detach()}

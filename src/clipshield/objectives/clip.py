@@ -1,4 +1,6 @@
-"""The CLIP contrastive objective (pre-training, backdooring, plain fine-tuning)."""
+"""The CLIP contrastive objective (pre-training, backdooring, plain fine-tuning), and the shape every
+contrastive objective shares: `prepare` (random draws), `encode` (per-sample features), `loss` (over the
+global batch). The split is what makes gradient accumulation exact (training.accumulate)."""
 from __future__ import annotations
 
 import math
@@ -38,14 +40,25 @@ class ClipObjective:
         return [(n, p) for n, p in clip.model.named_parameters()
                 if not (self.fix_logit_scale and n == "logit_scale")]
 
-    def features(self, batch, clip, images=None, captions=None):
-        img = clip.encode_images(batch["images"] if images is None else images, normalize=True)
-        txt = clip.encode_texts(batch["captions"] if captions is None else captions, normalize=True,
-                                device=img.device)
-        return img, txt
+    def features(self, clip, images, captions):
+        img = clip.encode_images(images, normalize=True)
+        return img, clip.encode_texts(captions, normalize=True, device=img.device)
+
+    def prepare(self, batch: dict) -> dict:
+        """Every random draw of the step (augmentations), made once for this process's whole batch."""
+        return batch
+
+    def encode(self, batch: dict, clip, frozen) -> dict[str, torch.Tensor]:
+        """Per-sample features, one row per sample of `batch`; features of the frozen model carry no gradient."""
+        img, txt = self.features(clip, batch["images"], batch["captions"])
+        return {"img": img, "txt": txt}
+
+    def loss(self, f: dict[str, torch.Tensor], clip) -> tuple[torch.Tensor, dict]:
+        """The loss over a (global) batch of features."""
+        scale = logit_scale_of(clip, self.fixed_scale)
+        loss = clip_loss(f["img"], f["txt"], scale)
+        return loss, {"clip_loss": loss.detach(), "logit_scale": float(scale.detach())}
 
     def __call__(self, batch, clip, frozen):
-        img, txt = map(gather, self.features(batch, clip))  # the global batch under torchrun
-        scale = logit_scale_of(clip, self.fixed_scale)
-        loss = clip_loss(img, txt, scale)
-        return loss, {"clip_loss": loss.detach(), "logit_scale": float(scale.detach())}
+        features = self.encode(self.prepare(batch), clip, frozen)
+        return self.loss({k: gather(v) for k, v in features.items()}, clip)  # the global batch under torchrun

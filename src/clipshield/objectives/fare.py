@@ -19,5 +19,5 @@ class FareObjective(VisionAdversarialObjective):
         with torch.no_grad():
             return frozen.encode_images(batch["images"])  # f_I^0(x): the frozen start model, clean input
 
-    def loss(self, clip, x, target):
+    def adv_loss(self, clip, x, target):
         return fare_loss(clip.encode_images(x), target)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import gather
 from .augment import par_augment
 from .clip import ClipObjective, clip_loss
 
@@ -25,7 +24,8 @@ def par_loss(img, txt, img0, txt0, logit_scale, eps: float) -> tuple[torch.Tenso
 
 
 class ParObjective(ClipObjective):
-    """Both towers trained; logit scale fixed at the start model's value; f^0 = frozen start model."""
+    """Both towers trained; logit scale fixed at the start model's value; f^0 = frozen start model.
+    S_I and S_T are means over the global batch (features are gathered before `loss`)."""
     name = "par"
     train_batchnorm = False  # fine-tuning: batch-norm statistics stay those of the start model
     needs_frozen = True
@@ -36,13 +36,19 @@ class ParObjective(ClipObjective):
         self.eps, self.perturb = eps, perturb
         self.augment = dict(noise_p=noise_p, noise_std=noise_std, erase_p=erase_p)
 
-    def __call__(self, batch, clip, frozen):
-        x = par_augment(batch["images"], **self.augment)
-        img, txt = map(gather, self.features(batch, clip, images=x))  # S_I, S_T: global batch means
+    def prepare(self, batch):
+        return {**batch, "images": par_augment(batch["images"], **self.augment)}
+
+    def encode(self, batch, clip, frozen):
+        f = super().encode(batch, clip, frozen)
+        if self.perturb:
+            with torch.no_grad():
+                f["img0"], f["txt0"] = self.features(frozen, batch["images"], batch["captions"])
+        return f
+
+    def loss(self, f, clip):
         scale = torch.tensor(self.fixed_scale)
         if not self.perturb:  # plain fine-tuning: PAR without L_PERT, same data and augmentation
-            loss = clip_loss(img, txt, scale)
+            loss = clip_loss(f["img"], f["txt"], scale)
             return loss, {"clip_loss": loss.detach()}
-        with torch.no_grad():
-            img0, txt0 = map(gather, self.features(batch, frozen, images=x))
-        return par_loss(img, txt, img0, txt0, scale, self.eps)
+        return par_loss(f["img"], f["txt"], f["img0"], f["txt0"], scale, self.eps)

@@ -21,5 +21,5 @@ class TecoaObjective(VisionAdversarialObjective):
             raise ValueError("tecoa needs class labels for every training sample (KEY.json 'class')")
         return y
 
-    def loss(self, clip, x, labels):
+    def adv_loss(self, clip, x, labels):
         return F.cross_entropy(100.0 * clip.encode_images(x, normalize=True) @ self.classes.T, labels)

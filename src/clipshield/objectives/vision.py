@@ -9,7 +9,8 @@ from ..training import set_train_mode
 
 class VisionAdversarialObjective:
     """min over the vision tower of loss(f_I(x_adv)), x_adv = PGD maximising the same loss.
-    eps and step_size are in 1/255 units (eps 4 = FARE^4). Subclasses define `setup` and `loss`."""
+    eps and step_size are in 1/255 units (eps 4 = FARE^4). Subclasses define `setup` and `adv_loss`.
+    The loss is a mean of per-sample terms, so gradient accumulation averages micro-batch losses."""
     name = "vision-adversarial"
     needs_frozen = True
     train_batchnorm = False
@@ -27,15 +28,22 @@ class VisionAdversarialObjective:
         """The fixed target of the loss for this batch (computed without gradients)."""
         raise NotImplementedError
 
-    def loss(self, clip, x, target) -> torch.Tensor:
+    def adv_loss(self, clip, x, target) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, batch, clip, frozen):
+    def prepare(self, batch: dict) -> dict:
+        """PGD's random start, drawn once for this process's whole batch."""
+        return {**batch, "start_noise": torch.rand(batch["images"].shape) * 2 - 1}
+
+    def batch_loss(self, batch, clip, frozen):
         x = batch["images"]
         target = self.setup(batch, clip, frozen)
         clip.model.eval()  # attack in eval mode (no batch-norm statistics updates)
-        x_adv = pgd(lambda z: self.loss(clip, z, target), x, self.eps, self.steps, self.step_size,
-                    momentum=self.momentum)
+        x_adv = pgd(lambda z: self.adv_loss(clip, z, target), x, self.eps, self.steps, self.step_size,
+                    momentum=self.momentum, start_noise=batch.get("start_noise"))
         set_train_mode(clip.model, train_batchnorm=False)
-        loss = self.loss(clip, x_adv, target)
+        loss = self.adv_loss(clip, x_adv, target)
         return loss, {f"{self.name}_loss": loss.detach()}
+
+    def __call__(self, batch, clip, frozen):
+        return self.batch_loss(self.prepare(batch), clip, frozen)
