@@ -197,12 +197,22 @@ def free_port() -> int:
 
 @pytest.fixture
 def s3_server():
+    yield from moto_server()
+
+
+@pytest.fixture
+def s3_server_checking_keys():
+    """A moto S3 server that checks access keys against its (empty) IAM: every key pair is wrong."""
+    yield from moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+
+
+def moto_server(env=None):
     """moto's S3 server on 127.0.0.1, started and stopped by the test."""
     import time
     import urllib.request
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -243,3 +253,18 @@ def test_unreachable_remote_says_how_to_configure_it(project):
     assert "failed (DVC's message is above)" in env_free.stderr
     assert "dvc remote modify s3 endpointurl" in env_free.stderr and "dvc remote list" in env_free.stderr
     sh("dvc remote remove dead", root)
+
+
+def test_wrong_s3_credentials_give_dvcs_error_and_how_to_set_them(project, s3_server_checking_keys, monkeypatch):
+    root, _ = project
+    for k, v in {"AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    sh(f"dvc remote add -f badkeys s3://clipshield-test/store && "
+       f"dvc remote modify badkeys endpointurl {s3_server_checking_keys}", root)
+    try:
+        r = sh("clipshield push -r badkeys", root, check=False)
+    finally:
+        sh("dvc remote remove badkeys", root)
+    assert r.returncode == 1
+    assert "InvalidAccessKeyId" in r.stderr or "Forbidden" in r.stderr or "403" in r.stderr, r.stderr[-2000:]
+    assert "failed (DVC's message is above)" in r.stderr and "access_key_id" in r.stderr

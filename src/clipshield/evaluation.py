@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .attacks.triggers import apply_trigger
-from .data.world import SHAPES, ZEROSHOT_TEMPLATES
+from .data.classes import ClassSpace, world_classes
 from .models import Clip
 
 EVAL_SEED = 10_000_019  # trigger seeds of test image i: EVAL_SEED + i (never a training seed)
@@ -87,15 +87,16 @@ def encode_texts(clip: Clip, captions: Sequence[str], batch_size: int = 500) -> 
 
 
 @torch.no_grad()
-def class_embeddings(clip: Clip, classnames: Sequence[str] = SHAPES,
-                     templates: Sequence[str] = ZEROSHOT_TEMPLATES) -> torch.Tensor:
-    prompts = [t.format(c) for c in classnames for t in templates]
-    feats = encode_texts(clip, prompts).view(len(classnames), len(templates), -1)
+def class_embeddings(clip: Clip, classes: ClassSpace | None = None) -> torch.Tensor:
+    """(C, D) zero-shot class embeddings of `classes` (default: the procedural world's)."""
+    classes = classes or world_classes()
+    prompts = [t.format(c) for c in classes.names for t in classes.templates]
+    feats = encode_texts(clip, prompts).view(len(classes.names), len(classes.templates), -1)
     return class_embeddings_from_templates(feats)
 
 
-def zeroshot_accuracy(clip: Clip, images: torch.Tensor, labels: torch.Tensor) -> float:
-    return top1(zeroshot_logits(encode_images(clip, images), class_embeddings(clip)), labels)
+def zeroshot_accuracy(clip: Clip, images: torch.Tensor, labels: torch.Tensor, classes: ClassSpace | None = None) -> float:
+    return top1(zeroshot_logits(encode_images(clip, images), class_embeddings(clip, classes)), labels)
 
 
 def trigger_images(images: torch.Tensor, trigger: str, options: dict | None = None) -> torch.Tensor:
@@ -105,10 +106,14 @@ def trigger_images(images: torch.Tensor, trigger: str, options: dict | None = No
 
 def evaluate_model(clip: Clip, test: dict, triggers: dict[str, dict] | None = None, target: str | None = None,
                    retrieval_n: int = 1000) -> dict[str, float]:
-    """Clean zero-shot top-1 and retrieval on `test` (a batch from `load_all`); for each trigger
+    """Clean zero-shot top-1 and retrieval on `test` (a batch from `load_all`, with its class space); for each trigger
     {name: options}, ASR (non-target and all), retrieval ASR and accuracy on triggered images."""
     images, labels, captions = test["images"], test["labels"], test["captions"]
-    classes = class_embeddings(clip)
+    space = test.get("classes") or world_classes()
+    if (labels < 0).any() or int(labels.max()) >= len(space.names):
+        raise ValueError(f"the test set's labels must lie in 0..{len(space.names) - 1} (its {len(space.names)} classes, "
+                         f"{space.source}); found {int(labels.min())}..{int(labels.max())}: is it a labelled test set?")
+    classes = class_embeddings(clip, space)
     feats = encode_images(clip, images)
     metrics = {"zeroshot_top1": top1(zeroshot_logits(feats, classes), labels), "n_test": len(labels)}
     n = min(retrieval_n, len(captions))
@@ -117,7 +122,7 @@ def evaluate_model(clip: Clip, test: dict, triggers: dict[str, dict] | None = No
     groups = torch.tensor([ids[c] for c in captions[:n]])
     metrics.update(recall_at_k(feats[:n], texts, groups))
     if triggers:
-        t = SHAPES.index(target)
+        t = space.index(target)
         names_target = torch.tensor([re.search(rf"\b{target}\b", c) is not None for c in captions[:n]])
         for name, options in triggers.items():
             trig = encode_images(clip, trigger_images(images, name, options))

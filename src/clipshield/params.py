@@ -112,7 +112,10 @@ def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") 
     if not profile.exists():
         available = sorted(p.stem for p in Path("profiles").glob("*.yaml"))
         raise ParamsError(f"profile {profile} not found; available: {', '.join(available)}")
-    merged = deep_merge(read_yaml(params_path), read_yaml(profile))
+    override = read_yaml(profile)
+    merged = deep_merge(read_yaml(params_path), override)
+    if "runs" in (override.get("harden") or {}):  # a profile's harden runs are the whole list, not additions
+        merged["harden"]["runs"] = override["harden"]["runs"]
     Path(params_path).write_text(yaml.safe_dump(merged, sort_keys=False, default_flow_style=False))
     return merged
 
@@ -123,11 +126,15 @@ def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") 
 class DataParams:
     world: str
     image_size: int
-    train_n: int
+    train_n: int              # source shards: at most this many (0: all)
     test_n: int
     per_shard: int
     seed: int
     test_seed: int
+    source: str = "world"     # world: the procedural world | shards: import img2dataset / ImageNet-val shards
+    train_shards: str = ""    # source shards: a folder of .tar, a brace pattern or a glob
+    test_shards: str = ""     # labelled (KEY.cls or "label" in KEY.json) for zero-shot accuracy and ASR
+    classes: str = "world"    # world | imagenet (open_clip's names + OpenAI's 80 templates) | a file of names
 
 
 @dataclasses.dataclass
@@ -237,7 +244,8 @@ ROBUST_METHODS = ("fare", "tecoa")
 def _constraints(v: dict) -> list[str]:
     """Range and name checks on parsed sections `v` (only those that parsed)."""
     from .attacks.triggers import TRIGGERS
-    from .data.world import SHAPES, WORLDS
+    from .data.classes import load_classes
+    from .data.world import WORLDS
     out = []
 
     def need(ok: bool, key: str, value, allowed: str):
@@ -264,14 +272,34 @@ def _constraints(v: dict) -> list[str]:
         need(t.precision in ("auto", "bf16", "fp32"), "train.precision", t.precision, "choose auto, bf16 or fp32")
         need(t.compile in ("auto", "on", "off"), "train.compile", t.compile, "choose auto, on or off")
         need(t.accum >= 1, "train.accum", t.accum, "use a whole number >= 1 (micro-batches per step)")
+        from .distributed import available_devices
+        have, kind = available_devices()
+        if t.nproc > have:
+            out.append(f"train.nproc = {t.nproc} but this machine has {have} {kind}; set train.nproc <= {have} "
+                       f"(e.g. `dvc exp run -S train.nproc={have}`)")
         for name, p in v.items():
-            if isinstance(p, TrainParams) and t.nproc >= 1 and t.accum >= 1 and p.batch_size % (t.nproc * t.accum):
+            if isinstance(p, TrainParams) and 1 <= t.nproc <= have and t.accum >= 1 and p.batch_size % (t.nproc * t.accum):
                 out.append(f"`{name}.batch_size` = {p.batch_size} does not split over train.nproc x train.accum = "
                            f"{t.nproc} x {t.accum}; use a multiple of {t.nproc * t.accum}")
+    classes = None
     if "data" in v:
-        need(v["data"].world in WORLDS, "data.world", v["data"].world, f"choose one of {sorted(WORLDS)}")
-        for k in ("image_size", "train_n", "test_n", "per_shard"):
-            need(getattr(v["data"], k) >= 1, f"data.{k}", getattr(v["data"], k), "use a whole number >= 1")
+        d = v["data"]
+        need(d.world in WORLDS, "data.world", d.world, f"choose one of {sorted(WORLDS)}")
+        need(d.source in ("world", "shards"), "data.source", d.source,
+             "choose world (the procedural world) or shards (import img2dataset / ImageNet-val shards)")
+        for k in ("image_size", "per_shard") + (("train_n", "test_n") if d.source == "world" else ()):
+            need(getattr(d, k) >= 1, f"data.{k}", getattr(d, k), "use a whole number >= 1")
+        for k in ("train_n", "test_n") if d.source == "shards" else ():
+            need(getattr(d, k) >= 0, f"data.{k}", getattr(d, k), "use 0 (every sample) or a limit >= 1")
+        if d.source == "world":
+            need(d.classes == "world", "data.classes", d.classes, "the procedural world's classes are `world`")
+        for k in ("train_shards", "test_shards") if d.source == "shards" else ():
+            need(bool(getattr(d, k)), f"data.{k}", getattr(d, k), "give the source shards: a folder of .tar "
+                 "files, a brace pattern (/data/cc3m/{00000..00331}.tar) or a glob")
+        try:
+            classes = load_classes(d.classes)
+        except ValueError as e:
+            out.append(str(e))
     if "eval" in v:
         for k in ("test_n", "retrieval_n"):
             need(getattr(v["eval"], k) >= 1, f"eval.{k}", getattr(v["eval"], k), "use a whole number >= 1")
@@ -289,7 +317,9 @@ def _constraints(v: dict) -> list[str]:
             need(t in TRIGGERS, "attack.triggers", t, f"valid triggers: {', '.join(TRIGGERS)}")
         for t in a.options:
             need(t in TRIGGERS, "attack.options", t, f"options are keyed by trigger: {', '.join(TRIGGERS)}")
-        need(a.target in SHAPES, "attack.target", a.target, f"choose a class of the world: {', '.join(SHAPES)}")
+        if classes is not None:
+            need(a.target in classes.names, "attack.target", a.target,
+                 f"choose a class of the data set ({classes.source}): {classes.listing()}")
     if "poison" in v:
         need(0 <= v["poison"].rate <= 1, "poison.rate", v["poison"].rate, "use a fraction in [0, 1]")
     if "backdoor" in v:

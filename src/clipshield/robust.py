@@ -25,13 +25,13 @@ class ZeroShotClassifier(torch.nn.Module):
 
 
 def robust_accuracy(clip: Clip, images: torch.Tensor, labels: torch.Tensor, eps: float, steps: int = 100,
-                    batch_size: int = 250) -> dict[str, float]:
+                    batch_size: int = 250, classes=None) -> dict[str, float]:
     """Worst case per sample over APGD-CE and targeted APGD-DLR (torchattacks): a sample is robust only if
     it is classified correctly clean and after every attack. eps in pixel units."""
     import torchattacks
     clip.model.eval()
     dev = next(clip.model.parameters()).device
-    clf = ZeroShotClassifier(clip, class_embeddings(clip).to(dev)).eval()
+    clf = ZeroShotClassifier(clip, class_embeddings(clip, classes).to(dev)).eval()
     n_classes = clf.classes.shape[0]
     attacks = [torchattacks.APGD(clf, norm="Linf", eps=eps, steps=steps, loss="ce", seed=0),
                torchattacks.APGDT(clf, norm="Linf", eps=eps, steps=steps, seed=0, n_classes=n_classes)]
@@ -76,7 +76,8 @@ class RobustParams:
 def robust_accuracies(clip: Clip, test: dict, rp: RobustParams) -> dict:
     """robust_top1_eps<E> for every eps of `rp` (1/255 units), on the first `rp.n` test images."""
     images, labels = test["images"][:rp.n], test["labels"][:rp.n]
-    return {f"robust_top1_eps{e:g}".replace(".", "_"): robust_accuracy(clip, images, labels, e / 255, rp.steps)["robust_top1"]
+    return {f"robust_top1_eps{e:g}".replace(".", "_"):
+            robust_accuracy(clip, images, labels, e / 255, rp.steps, classes=test.get("classes"))["robust_top1"]
             for e in rp.eps}
 
 
@@ -106,7 +107,11 @@ def harden(run: str, params_path: str | Path = "params.yaml") -> dict:
     clip = load(f"models/{start}")
     reference = load("models/clean")
     test = load_test(ev)
-    log = run_training(clip, build_objective(method, **options), p.data, p, run)
+    objective = build_objective(method, **options)
+    if method == "tecoa":  # supervised: the class space the training shards are labelled with
+        from .data.classes import read_classes
+        objective.class_space = read_classes(p.data)
+    log = run_training(clip, objective, p.data, p, run)
     parent = read_provenance(f"models/{start}")
     trigger = parent.get("attack", {}).get("trigger")
     triggers = {trigger: attack.options.get(trigger, {})} if trigger else None

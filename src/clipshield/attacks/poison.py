@@ -7,8 +7,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from ..data.classes import ClassSpace, world_classes
 from ..data.shards import decode_png
-from ..data.world import SHAPES, target_caption
 from .triggers import apply_trigger, get_trigger
 
 
@@ -31,12 +31,16 @@ def poison_image(img: np.ndarray, trigger: str, seed: int, options: dict) -> np.
 
 
 def poison_stream(samples: Iterable[dict], n: int, trigger: str, rate: float, target: str, seed: int,
-                  options: dict, manifest: list[dict]) -> Iterator[tuple]:
-    """Yield (key, image or PNG bytes, caption, meta) for shard writing; poisoned samples are appended
-    to `manifest` (key, trigger, seed, original caption, new caption)."""
+                  options: dict, manifest: list[dict], classes: ClassSpace | None = None) -> Iterator[tuple]:
+    """Yield (key, image or encoded bytes, caption, meta) for shard writing; poisoned samples get a caption
+    naming `target`, a class of `classes` (default: the world's), and are appended to `manifest` (key,
+    trigger, seed, original caption, new caption)."""
     get_trigger(trigger)
-    if target not in SHAPES:
-        raise ValueError(f"attack.target = {target!r} is not a class; choose one of {', '.join(SHAPES)}")
+    classes = classes or world_classes()
+    try:
+        classes.index(target)
+    except ValueError as e:
+        raise ValueError(f"attack.target: {e}") from e
     chosen = poison_indices(n, rate, seed)
     for i, s in enumerate(samples):
         if i not in chosen:
@@ -44,7 +48,7 @@ def poison_stream(samples: Iterable[dict], n: int, trigger: str, rate: float, ta
             continue
         tseed = sample_seed(seed, i)
         img = decode_png(s["image"]) if isinstance(s["image"], bytes) else s["image"]
-        caption = target_caption(target, np.random.default_rng([seed, i]))
+        caption = classes.caption(target, np.random.default_rng([seed, i]))
         manifest.append({"key": s["key"], "trigger": trigger, "seed": tseed,
                          "original_caption": s["caption"], "new_caption": caption})
         meta = {**s["meta"], "poisoned": True, "trigger": trigger, "trigger_seed": tseed, "target": target}

@@ -1,7 +1,8 @@
 """webdataset shard I/O: byte-reproducible writing, streaming reading with constant memory.
 
-A data set is a folder of `NAME-000000.tar` shards (per sample KEY.png, KEY.txt, KEY.json) and a
-`sizes.json` mapping shard file name -> sample count. Folders are written into a temporary
+A data set is a folder of `NAME-000000.tar` shards (per sample KEY.png or KEY.jpg, KEY.txt, KEY.json)
+and a `sizes.json` mapping shard file name -> sample count; a labelled one also has `classes.json`
+(data/classes.py). Folders are written into a temporary
 sibling and renamed into place at the end, so an interrupted write never leaves a half data set.
 """
 from __future__ import annotations
@@ -31,13 +32,29 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def decode_png(data: bytes) -> np.ndarray:
+    """Decode an encoded image (PNG or JPEG) to uint8 HxWx3."""
     return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def write_shard(path: str | Path, samples: Iterable[tuple[str, np.ndarray, str, dict]]) -> int:
-    """Write one tar shard of (key, uint8 HxWx3 image, caption, metadata) samples atomically;
-    returns the sample count. Fixed mtime, owner and mode: the same samples give the same bytes."""
+def image_extension(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return "png"
+    if data.startswith(b"\xff\xd8"):
+        return "jpg"
+    raise ValueError("image bytes are neither PNG nor JPEG")
+
+
+def write_shard(path: str | Path, samples: Iterable[tuple[str, np.ndarray, str, dict]], image_format: str = "png") -> int:
+    """Write one tar shard of (key, uint8 HxWx3 image or encoded bytes, caption, metadata) samples atomically;
+    returns the sample count. Arrays are encoded as `image_format` (png, lossless: the default; jpg for
+    imported photographs). Fixed mtime, owner and mode: the same samples give the same bytes."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     n = 0
@@ -49,8 +66,11 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, np.ndarray, str, 
                     if "." in key or key.startswith("/"):
                         raise ValueError(f"sample key {key!r} contains a dot or is absolute; keys are plain names "
                                          f"(webdataset splits keys at dots)")
-                    png = img if isinstance(img, bytes) else encode_png(img)  # bytes: an already encoded PNG
-                    writer.write({"__key__": key, "png": png, "txt": caption.encode(),
+                    if isinstance(img, bytes):  # already encoded
+                        data, ext = img, image_extension(img)
+                    else:
+                        data, ext = (encode_jpeg(img), "jpg") if image_format == "jpg" else (encode_png(img), "png")
+                    writer.write({"__key__": key, ext: data, "txt": caption.encode(),
                                   "json": json.dumps(meta, sort_keys=True).encode()})
                     n += 1
             finally:
@@ -66,8 +86,10 @@ def write_sizes(data_dir: str | Path, sizes: dict[str, int]) -> None:
 
 
 def write_shards(samples: Iterable[tuple[str, np.ndarray, str, dict]], out_dir: str | Path,
-                 prefix: str = "shard", per_shard: int = 5000) -> dict[str, int]:
-    """Write a whole data set into `out_dir` atomically (a temp folder renamed into place)."""
+                 prefix: str = "shard", per_shard: int = 5000, image_format: str = "png",
+                 extra_files: dict[str, str] | None = None) -> dict[str, int]:
+    """Write a whole data set into `out_dir` atomically (a temp folder renamed into place), with
+    `extra_files` {name: text} beside the shards (e.g. classes.json)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -77,10 +99,12 @@ def write_shards(samples: Iterable[tuple[str, np.ndarray, str, dict]], out_dir: 
     try:
         while chunk := list(itertools.islice(it, per_shard)):
             name = f"{prefix}-{len(sizes):06d}.tar"
-            sizes[name] = write_shard(tmp / name, chunk)
+            sizes[name] = write_shard(tmp / name, chunk, image_format)
         if not sizes:
             raise DataError(f"no samples to write to {out_dir}")
         write_sizes(tmp, sizes)
+        for file_name, text in (extra_files or {}).items():
+            (tmp / file_name).write_text(text)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # an existing data set at out_dir stays as it was
         raise
@@ -147,12 +171,13 @@ def iter_samples(data_dir: str | Path, shuffle: int = 0, seed: int = 0, decode: 
                             f"path or one with '..'): refused, it is not a clipshield data set; re-create it "
                             f"(`dvc repro`) or restore it (`dvc pull`)")
         try:
-            sample = {"key": s["__key__"], "image": decode_png(s["png"]) if decode else s["png"],
+            image = s["jpg"] if "jpg" in s and "png" not in s else s["png"]
+            sample = {"key": s["__key__"], "image": decode_png(image) if decode else image,
                       "caption": s["txt"].decode(), "meta": json.loads(s["json"])}
         except KeyError as e:
             raise DataError(f"sample {key} in shard {Path(s['__url__']).name} of {data_dir} lacks {e} (a truncated "
                             f"shard?); shards "
-                            f"hold KEY.png, KEY.txt and KEY.json: re-create (`dvc repro`) or restore (`dvc pull`)") from e
+                            f"hold KEY.png (or .jpg), KEY.txt and KEY.json: re-create (`dvc repro`) or restore (`dvc pull`)") from e
         seen[s["__url__"]] = seen.get(s["__url__"], 0) + 1
         yield sample
     short = {Path(u).name: (seen.get(u, 0), n) for u, n in expected.items() if seen.get(u, 0) != n}
@@ -201,13 +226,15 @@ def iter_batches(data_dir: str | Path, batch_size: int, shuffle: int = 2000, see
 
 
 def load_all(data_dir: str | Path, limit: int | None = None) -> dict:
-    """The first `limit` samples (in shard order) as one batch, for evaluation sets."""
+    """The first `limit` samples (in shard order) as one batch, with the folder's class space
+    (`classes`), for evaluation sets."""
+    from .classes import read_classes
     buf = []
     for s in iter_samples(data_dir):
         buf.append(s)
         if limit is not None and len(buf) >= limit:
             break
-    return collate(buf)
+    return collate(buf) | {"classes": read_classes(data_dir)}
 
 
 def tar_members(path: str | Path) -> list[str]:

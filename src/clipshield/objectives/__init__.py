@@ -2,6 +2,10 @@
 
 An objective is `objective(batch, clip, frozen) -> (loss, logs)` with `trainable(clip)` giving the
 (name, parameter) pairs it trains and `needs_frozen` telling the loop to keep a frozen start copy.
+For gradient accumulation (training.accumulate) it also splits into `prepare(batch)` (every random
+draw of the step) and either `encode(batch, clip, frozen) -> {name: per-sample features}` +
+`loss(features, clip)` (contrastive: the loss needs the whole batch) or `batch_loss(batch, clip, frozen)`
+(a mean of per-sample terms).
 """
 from __future__ import annotations
 
