@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from clipshield.attacks.poison import poison_image, poison_indices, poison_stream, sample_seed
-from clipshield.data.shards import decode_png, encode_png
+from clipshield.data.shards import decode_image, encode_png
 
 
 def test_poison_indices_count_distinct_deterministic():
@@ -60,7 +60,7 @@ def test_poison_stream_poisons_exactly_the_chosen(as_png):
         s = samples[i]
         assert key == s["key"]
         if i in chosen:
-            clean = decode_png(s["image"]) if as_png else s["image"]
+            clean = decode_image(s["image"]) if as_png else s["image"]
             assert isinstance(img, np.ndarray)
             assert np.array_equal(img, poison_image(clean, "badnet_stripes", sample_seed(seed, i), {"patch": 3}))
             assert not np.array_equal(img, clean)

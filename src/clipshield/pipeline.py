@@ -64,29 +64,28 @@ def make_data(p: DataParams, out: str | Path = "data") -> dict:
     """data/train and data/test: the procedural world (data.source world) or imported real shards
     (data.source shards: img2dataset CC3M-style train shards, labelled ImageNet-val-style test shards).
     Both folders carry classes.json, the class space of the zero-shot task and of the attack target."""
-    from .data.classes import CLASSES_FILE, load_classes
+    from .data.classes import classes_file, load_classes
     from .data.imports import external_samples, source_shards
     out = Path(out)
     classes = load_classes(p.classes)
-    extra = {CLASSES_FILE: json.dumps(classes.to_json(), indent=1) + "\n"}
     counts = {}
     if p.source == "world":
-        splits = [(split, world_samples(p.world, seed, n, p.image_size, split), n)
+        splits = [(split, world_samples(p.world, seed, n, p.image_size, split))
                   for split, n, seed in (("train", p.train_n, p.seed), ("test", p.test_n, p.test_seed))]
     else:  # both sources are resolved first, and the labelled test set (the likelier to be refused) is written first
         source_shards(p.train_shards), source_shards(p.test_shards)
-        splits = [("test", external_samples(p.test_shards, p.image_size, classes, "test", True, p.test_n), p.test_n),
-                  ("train", external_samples(p.train_shards, p.image_size, classes, "train", False, p.train_n), p.train_n)]
+        splits = [("test", external_samples(p.test_shards, p.image_size, classes, "test", True, p.test_n)),
+                  ("train", external_samples(p.train_shards, p.image_size, classes, "train", False, p.train_n))]
     with progress_bar("procedural world" if p.source == "world" else "import shards",
                       total=p.train_n + p.test_n if p.train_n and p.test_n else None) as advance:
-        for split, samples, _ in splits:
+        for split, samples in splits:
             def counted(samples):
                 for s in samples:
                     counts[split] = counts.get(split, 0) + 1
                     advance()
                     yield s
             shards.write_shards(counted(samples), out / split, prefix=split, per_shard=p.per_shard,
-                                image_format="png" if p.source == "world" else "jpg", extra_files=extra)
+                                image_format="png" if p.source == "world" else "jpg", extra_files=classes_file(classes))
     source = {"world": p.world} if p.source == "world" else {"train": p.train_shards, "test": p.test_shards}
     summary("data", {f"{k} samples": v for k, v in counts.items()} | source
             | {"classes": f"{classes.source} ({len(classes.names)})", "size": p.image_size})
@@ -189,7 +188,7 @@ def poison(trigger: str, attack, p, data_dir="data/train", out_dir=None) -> dict
     """Write data/poisoned/<trigger>: the clean train shards with round(rate*N) samples poisoned,
     plus manifest.jsonl listing exactly the poisoned samples."""
     from .attacks.poison import poison_stream
-    from .data.classes import CLASSES_FILE, read_classes
+    from .data.classes import classes_file, read_classes
     if trigger not in attack.triggers:
         console.print(f"[yellow]note:[/] trigger {trigger} is not in attack.triggers {attack.triggers}")
     out_dir = Path(out_dir or f"data/poisoned/{trigger}")
@@ -206,7 +205,7 @@ def poison(trigger: str, attack, p, data_dir="data/train", out_dir=None) -> dict
         stream = poison_stream(counted(shards.iter_samples(data_dir, decode=False)), n, trigger, p.rate,
                                attack.target, p.seed, options, manifest, classes=classes)
         shards.write_shards(stream, out_dir, prefix="train", per_shard=per_shard,
-                            extra_files={CLASSES_FILE: json.dumps(classes.to_json(), indent=1) + "\n"})
+                            extra_files=classes_file(classes))
     manifest.sort(key=lambda r: r["key"])
     (out_dir / "manifest.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in manifest))
     summary(f"poison {trigger}", {"samples": n, "poisoned": len(manifest), "rate": p.rate, "target": attack.target,

@@ -6,12 +6,12 @@ for its attack, trigger and defence; `clipshield get NAME` (or `dvc artifacts ge
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
 from .params import read_yaml
+
 
 class RemoteError(RuntimeError):
     """A dvc push/pull/get failed; the message says how to configure the remote."""
@@ -84,10 +84,10 @@ def get(name: str, repo: str = ".", out: str | None = None, rev: str | None = No
         cmd = ["dvc", "artifacts", "get", str(repo), name, "--rev", version]
     else:
         cmd = ["dvc", "get", str(repo), path] + (["--rev", rev] if rev else [])
-    _dvc(cmd + (["-o", out] if out else []), "get")
+    _dvc(cmd + (["-o", out] if out else []))
 
 
-def _dvc(cmd: list[str], verb: str, remote: str | None = None) -> None:
+def _dvc(cmd: list[str], remote: str | None = None) -> None:
     r = subprocess.run(cmd)
     if r.returncode != 0:
         where = f"remote {remote!r}" if remote else "the default remote"
@@ -102,8 +102,4 @@ def _dvc(cmd: list[str], verb: str, remote: str | None = None) -> None:
 def transfer(verb: str, remote: str | None = None, targets: list[str] | None = None) -> None:
     """dvc push / pull with a hint on how to configure the remote when it fails."""
     cmd = ["dvc", verb] + (["-r", remote] if remote else []) + list(targets or [])
-    _dvc(cmd, verb, remote)
-
-
-if __name__ == "__main__":
-    print(sync_artifacts(*sys.argv[1:]))
+    _dvc(cmd, remote)

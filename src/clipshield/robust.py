@@ -131,7 +131,7 @@ def robust_baseline(model: str = "clean", params_path: str | Path = "params.yaml
 
     from .params import EvalParams, load_section, parse, read_yaml
     from .pipeline import load_test, write_metrics
-    from .models import load, read_provenance
+    from .models import load
     rp = parse(RobustParams, read_yaml(params_path)["robust"], "robust")
     clip = load(f"models/{model}")
     metrics = robust_metrics(clip, load("models/clean"), load_test(load_section(EvalParams, "eval", params_path)), rp)

@@ -15,19 +15,15 @@ EXPECTED = (DataError, ModelError, ParamsError, TrainingError, ValueError, FileN
 
 
 def launch_distributed(params: str | Path) -> None:
-    """With train.nproc > 1 outside torchrun, run this same command under torchrun and exit with its code."""
+    """With train.nproc > 1 outside torchrun, run this same command under torchrun and exit with its code
+    (check_params has refused an nproc larger than the devices)."""
     import os
     import subprocess
 
-    from .distributed import available_devices
     from .params import load_launch
     nproc = load_launch(params).nproc
     if nproc <= 1 or "LOCAL_RANK" in os.environ:
         return
-    have, kind = available_devices()
-    if nproc > have:
-        raise ParamsError(f"train.nproc = {nproc} but this machine has {have} {kind}; set train.nproc <= {have} "
-                          f"(e.g. `dvc exp run -S train.nproc={have}`)")
     spec = getattr(sys.modules["__main__"], "__spec__", None)  # `python -m pkg.mod`: relaunch the module
     target = ["-m", spec.name, *sys.argv[1:]] if spec is not None and spec.name != "__main__" else sys.argv
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]

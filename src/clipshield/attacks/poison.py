@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..data.classes import ClassSpace, world_classes
-from ..data.shards import decode_png
+from ..data.shards import decode_image
 from .triggers import apply_trigger, get_trigger
 
 
@@ -47,7 +47,7 @@ def poison_stream(samples: Iterable[dict], n: int, trigger: str, rate: float, ta
             yield s["key"], s["image"], s["caption"], s["meta"]
             continue
         tseed = sample_seed(seed, i)
-        img = decode_png(s["image"]) if isinstance(s["image"], bytes) else s["image"]
+        img = decode_image(s["image"]) if isinstance(s["image"], bytes) else s["image"]
         caption = classes.caption(target, np.random.default_rng([seed, i]))
         manifest.append({"key": s["key"], "trigger": trigger, "seed": tseed,
                          "original_caption": s["caption"], "new_caption": caption})

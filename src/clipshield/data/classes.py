@@ -94,8 +94,9 @@ def load_classes(spec: str) -> ClassSpace:
     return _check(space, str(path))
 
 
-def write_classes(folder: str | Path, space: ClassSpace) -> None:
-    (Path(folder) / CLASSES_FILE).write_text(json.dumps(space.to_json(), indent=1) + "\n")
+def classes_file(space: ClassSpace) -> dict[str, str]:
+    """{file name: text} of `space` for shards.write_shards(extra_files=...)."""
+    return {CLASSES_FILE: json.dumps(space.to_json(), indent=1) + "\n"}
 
 
 def read_classes(folder: str | Path) -> ClassSpace:

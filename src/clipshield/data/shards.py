@@ -38,7 +38,7 @@ def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
+def decode_image(data: bytes) -> np.ndarray:
     """Decode an encoded image (PNG or JPEG) to uint8 HxWx3."""
     return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
 
@@ -172,7 +172,7 @@ def iter_samples(data_dir: str | Path, shuffle: int = 0, seed: int = 0, decode: 
                             f"(`dvc repro`) or restore it (`dvc pull`)")
         try:
             image = s["jpg"] if "jpg" in s and "png" not in s else s["png"]
-            sample = {"key": s["__key__"], "image": decode_png(image) if decode else image,
+            sample = {"key": s["__key__"], "image": decode_image(image) if decode else image,
                       "caption": s["txt"].decode(), "meta": json.loads(s["json"])}
         except KeyError as e:
             raise DataError(f"sample {key} in shard {Path(s['__url__']).name} of {data_dir} lacks {e} (a truncated "
@@ -188,7 +188,7 @@ def iter_samples(data_dir: str | Path, shuffle: int = 0, seed: int = 0, decode: 
 
 
 def collate(samples: list[dict]) -> dict:
-    images = np.stack([s["image"] if isinstance(s["image"], np.ndarray) else decode_png(s["image"]) for s in samples])
+    images = np.stack([s["image"] if isinstance(s["image"], np.ndarray) else decode_image(s["image"]) for s in samples])
     images = torch.from_numpy(images).permute(0, 3, 1, 2)
     return {"images": images.float().div_(255), "captions": [s["caption"] for s in samples],
             "labels": torch.tensor([s["meta"].get("class", -1) for s in samples]),
