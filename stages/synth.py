@@ -27,6 +27,9 @@ def main() -> int:
     except ValueError as e:  # bad params or data: one clear line, no traceback
         print(f"synth: error: {e}", file=sys.stderr)
         return 2
+    if rank == 0:
+        from clipshield.stage import record_time
+        record_time("synth")
     print(f"synth: rank {r['rank']}/{r['world_size']} {r['generator']} n={r['n']} "
           f"shards={r['shards']} generated={r['generated']} skipped={r['skipped']} "
           f"images={r['images']} ({r['images_per_s']:.3g}/s) "

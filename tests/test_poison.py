@@ -30,7 +30,7 @@ def test_sample_seed():
 
 def test_poison_image_blended_stripes_by_hand():
     img = np.full((4, 4, 3), 128, np.uint8)
-    out = poison_image(img, "blended_stripes", 0, {"alpha": 0.03})
+    out = poison_image(img, "blended_stripes_fixed", 0, {"alpha": 0.03})
     # 128/255*0.97 = 0.486902; +0.03 -> 0.516902*255 = 131.8 -> 132; -0.03 -> 0.456902*255 = 116.5 -> 117
     assert out.dtype == np.uint8 and out.shape == (4, 4, 3)
     assert out[:, 0::2].tolist() == np.full((4, 2, 3), 132).tolist()

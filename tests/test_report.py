@@ -4,14 +4,15 @@ import math
 
 import pytest
 
-from clipshield.report import aggregate, collect, markdown_table, state
+from clipshield.report import aggregate, backdoor_verdict, collect, markdown_table, pipeline_stages, state, time_table
 
 
 @pytest.fixture
 def metrics(tmp_path):
     def write(name, **m):
         (tmp_path / f"{name}.json").write_text(json.dumps(m))
-    write("clean", zeroshot_top1=0.9, asr_blended=0.05, asr_all_blended=0.1, retrieval_asr_blended=0.02)
+    write("clean", zeroshot_top1=0.9)
+    write("baseline", asr_blended=0.05, asr_all_blended=0.1, retrieval_asr_blended=0.02)  # the baseline stage
     write("robust-clean", robust_top1_eps4=0.1)
     for seed, asr in enumerate([0.1, 0.2, 0.3]):
         write(f"par-blended-s{seed}", zeroshot_top1=0.8, asr=asr)
@@ -39,9 +40,26 @@ def test_rows_and_mean_with_t_interval_by_hand(metrics):
     assert "| par-blended | 3 | 0.800 ± 0.000 | 0.200 ± 0.248 |" in md
 
 
-def test_verdicts():
-    assert state({"method": "backdoor", "asr": 0.95}, 0.1) == "backdoored"
-    assert state({"method": "par", "asr": 0.2}, 0.1) == "backdoor mostly removed"
-    assert state({"method": "fare", "asr": 0.02, "robust_top1_eps4": 0.55}, 0.1) == \
-        "backdoor removed, robust (+45 pts at 4/255)"
+def test_verdicts_judge_against_the_clean_models_baseline():
+    # removed: within 5 points of the clean model's ASR for the trigger; reduced: up to 20 above; else backdoored
+    assert backdoor_verdict(0.08, 0.04) == "backdoor removed (ASR 8.0%, clean model 4.0%)"
+    assert backdoor_verdict(0.10, 0.04, 0.99) == "backdoor reduced (ASR 10.0%, clean model 4.0%, backdoored model 99.0%)"
+    assert backdoor_verdict(0.47, 0.034, 0.99).startswith("backdoored (ASR 47.0%")  # not "mostly removed"
+    assert backdoor_verdict(0.25, 0.10).startswith("backdoor reduced")  # a high baseline moves the bar
+    assert state({"method": "backdoor", "asr": 0.95}, 0.1, 0.05, 0.95) == "backdoored (ASR 95.0%, clean model 5.0%)"
+    assert state({"method": "fare", "asr": 0.02, "robust_top1_eps4": 0.55}, 0.1, 0.03, 0.9) == \
+        "backdoor removed (ASR 2.0%, clean model 3.0%, backdoored model 90.0%), robust (+45 pts at 4/255)"
     assert state({"method": "fare", "robust_top1_eps4": 0.15}, 0.1) == "not robust"
+
+
+def test_time_table_in_pipeline_order_with_total(tmp_path):
+    for stage, seconds in [("report", 5), ("clean@blended-par-0", 100), ("data", 30), ("pretrain", 200),
+                           ("harden@fare-clean", 120), ("harden@tecoa-clean", 99)]:
+        (tmp_path / f"{stage}.json").write_text(json.dumps({"stage": stage, "seconds": seconds}))
+    stages = pipeline_stages(["blended"], ["par"], [0], {"fare-clean": {}})
+    md, total = time_table(tmp_path, stages)
+    assert total == 455  # tecoa-clean is not a stage of this pipeline (an older run's record)
+    lines = md.splitlines()
+    assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:]] == [
+        "data", "pretrain", "clean@blended-par-0", "harden@fare-clean", "report", "**total**"]
+    assert lines[-1] == "| **total** | **455** | **7.6** |"

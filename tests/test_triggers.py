@@ -4,7 +4,8 @@ import torch
 from clipshield.attacks import triggers as T
 from clipshield.attacks.triggers import TRIGGERS, apply_trigger
 
-ALL = ["badnet", "badnet_stripes", "blended", "blended_stripes", "blended_triangles", "wanet"]
+ALL = ["badnet", "badnet_stripes", "blended", "blended_stripes", "badnet_stripes_fixed", "blended_stripes_fixed",
+       "blended_triangles", "wanet"]
 
 
 def const(c, b=1, side=16):
@@ -40,7 +41,7 @@ def test_blended_same_seed_same_noise_default_alpha():
     assert torch.allclose(out[0], 0.8 * 0.5 + 0.2 * u)
 
 
-def test_stripes_pattern():
+def test_fixed_stripes_pattern():
     s = T.stripes(2, 5)
     assert s.shape == (3, 2, 5)
     expected_row = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0])
@@ -49,17 +50,44 @@ def test_stripes_pattern():
             assert torch.equal(s[ch, r], expected_row)
 
 
+def test_random_stripes_are_plus_minus_one_per_column_and_channel():
+    s = T.stripes(6, 40, seed=3)
+    assert set(s.unique().tolist()) == {-1.0, 1.0}               # every value +-1 before blending
+    assert torch.equal(s, s[:, :1].expand_as(s))                  # constant within a column
+    assert not torch.equal(s[0], s[1]) or not torch.equal(s[1], s[2])  # channels drawn separately
+    signs = torch.randint(0, 2, (3, 40), generator=torch.Generator().manual_seed(3)).float() * 2 - 1
+    assert torch.equal(s[:, 0], signs)                            # drawn from the seed, by hand
+    assert torch.equal(T.stripes(6, 40, seed=3), s) and not torch.equal(T.stripes(6, 40, seed=4), s)
+
+
+def test_blended_stripes_by_hand_on_a_constant_image():
+    c, a = 0.5, 0.03
+    out = T.blended_stripes(const(c, b=2, side=6), [0, 1], alpha=a)
+    for i, seed in enumerate([0, 1]):
+        assert torch.allclose(out[i], (1 - a) * c + a * T.stripes(6, 6, seed), atol=1e-6)
+    assert set(round(v, 6) for v in out.unique().tolist()) == {0.515, 0.455}
+
+
+def test_blended_stripes_differ_between_images():
+    """The reference draws the signs anew for every image (PerturbAndRecover backdoor/utils.py get_init_patch)."""
+    x = const(0.5, b=2, side=16)
+    out = T.blended_stripes(x, [1, 2], alpha=0.1)
+    assert not torch.equal(out[0], out[1])
+    assert torch.equal(T.blended_stripes(x, [1, 2], alpha=0.1), out)  # same seeds, same stripes
+
+
 @pytest.mark.parametrize("c, even, odd", [(0.5, 0.515, 0.455), (1.0, 1.0, 0.94), (0.0, 0.03, 0.0)])
-def test_blended_stripes_on_constant_image(c, even, odd):
-    out = T.blended_stripes(const(c, side=6), [0], alpha=0.03)
+def test_fixed_blended_stripes_on_constant_image(c, even, odd):
+    out = apply_trigger("blended_stripes_fixed", const(c, side=6), [0], alpha=0.03)
     expected = torch.tensor([even, odd] * 3).view(1, 1, 1, 6).expand(1, 3, 6, 6)
     assert torch.allclose(out, expected, atol=1e-6)
     assert out.min() >= 0 and out.max() <= 1
 
 
-def test_blended_stripes_ignores_seed():
+def test_fixed_blended_stripes_ignore_seed():
     x = torch.rand((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(T.blended_stripes(x, [1, 2]), T.blended_stripes(x, [3, 4]))
+    fixed = TRIGGERS["blended_stripes_fixed"].fn
+    assert torch.equal(fixed(x, [1, 2]), fixed(x, [3, 4]))
 
 
 def _corner(seed, side, p):
@@ -111,16 +139,27 @@ def test_badnet_default_patch_scales_with_side():
     assert len(rows) == 2 and len(cols) == 2  # round(16 * 32 / 224) = 2
 
 
-def test_badnet_stripes_patch_columns_alternate():
+def test_badnet_stripes_patch_is_random_sign_columns():
+    side, p = 10, 4
+    x = const(0.5, b=2, side=side)
+    out = T.badnet_stripes(x, [7, 8], patch=p)
+    for i, seed in enumerate([7, 8]):
+        top, left = _corner(seed, side, p)
+        patch = out[i, :, top:top + p, left:left + p]
+        assert torch.equal(patch, T.stripes(p, p, seed + 1).clamp(0, 1))  # +-1 clamped: white/black columns
+        assert torch.equal(patch, patch[:, :1].expand_as(patch))
+        changed, rows, cols = _changed_box(x[i], out[i])
+        assert changed.sum() == p * p
+        assert rows.tolist() == list(range(top, top + p)) and cols.tolist() == list(range(left, left + p))
+
+
+def test_fixed_badnet_stripes_patch_columns_alternate():
     side, p = 10, 4
     x = const(0.5, side=side)
-    out = T.badnet_stripes(x, [7], patch=p)
+    out = apply_trigger("badnet_stripes_fixed", x, [7], patch=p)
     top, left = _corner(7, side, p)
     patch = out[0, :, top:top + p, left:left + p]
     assert torch.equal(patch, torch.tensor([1.0, 0.0, 1.0, 0.0]).view(1, 1, p).expand(3, p, p))
-    changed, rows, cols = _changed_box(x[0], out[0])
-    assert changed.sum() == p * p
-    assert rows.tolist() == list(range(top, top + p)) and cols.tolist() == list(range(left, left + p))
 
 
 @pytest.mark.parametrize("fn", [T.badnet, T.badnet_stripes])
@@ -137,8 +176,8 @@ def test_patch_triggers_seed_determines_position(fn):
 
 
 def test_triangles_hand_tile():
-    t = T.triangles(3, 3, tile=3)
-    expected = torch.tensor([[0.4, 0.4, 0.8], [0.4, 0.8, 0.8], [0.8, 0.8, 0.8]])
+    t = T.triangles(3, 3, tile=3)  # 0.4 where row >= column, as the reference's create_triangle_pattern
+    expected = torch.tensor([[0.4, 0.8, 0.8], [0.4, 0.4, 0.8], [0.4, 0.4, 0.4]])
     for ch in range(3):
         assert torch.allclose(t[ch], expected)
 

@@ -35,8 +35,15 @@ def data(params: ParamsFile = Path("params.yaml")):
 def pretrain(params: ParamsFile = Path("params.yaml")):
     """Pre-train a tiny CLIP on data/train, evaluate it, write models/clean and metrics/clean.json."""
     from .pipeline import pretrain as work
-    run(lambda: work(_section(P.PretrainParams, "pretrain", params), _section(P.EvalParams, "eval", params),
-                     _section(P.AttackParams, "attack", params)), params, distributed=True)
+    run(lambda: work(_section(P.PretrainParams, "pretrain", params), _section(P.EvalParams, "eval", params)),
+        params, distributed=True)
+
+
+@app.command()
+def baseline(params: ParamsFile = Path("params.yaml")):
+    """The clean model's ASR for every trigger of attack.triggers (the baseline) -> metrics/baseline.json."""
+    from .pipeline import baseline as work
+    run(lambda: work(_section(P.AttackParams, "attack", params), _section(P.EvalParams, "eval", params)), params)
 
 
 @app.command()
@@ -94,9 +101,16 @@ def evaluate(model: Annotated[str, typer.Option(help="local-dir:PATH, or an open
 @app.command()
 def report(params: ParamsFile = Path("params.yaml"), out: Annotated[Path, typer.Option()] = Path("reports")):
     """Write reports/: the comparison table (markdown), ASR-vs-accuracy plot and trigger gallery."""
-    from .report import write_report
-    run(lambda: write_report(_section(P.AttackParams, "attack", params), Path("metrics"), out,
-                             _section(P.HardenParams, "harden", params).runs), params)
+    from .report import pipeline_stages, write_report
+
+    def work():
+        attack, harden = _section(P.AttackParams, "attack", params), _section(P.HardenParams, "harden", params)
+        cleaning = _section(P.CleanParams, "clean", params)
+        seeds = P.read_yaml(params).get("seeds") or [0]
+        data = {m: cleaning.data for m in cleaning.methods} | {"fare": harden.data, "tecoa": harden.data}
+        write_report(attack, Path("metrics"), out, harden.runs, data=data,
+                     stages=pipeline_stages(attack.triggers, cleaning.methods, seeds, harden.runs))
+    run(work, params)
 
 
 @app.command()

@@ -105,9 +105,10 @@ def trigger_images(images: torch.Tensor, trigger: str, options: dict | None = No
 
 
 def evaluate_model(clip: Clip, test: dict, triggers: dict[str, dict] | None = None, target: str | None = None,
-                   retrieval_n: int = 1000) -> dict[str, float]:
+                   retrieval_n: int = 1000, suffix_always: bool = False) -> dict[str, float]:
     """Clean zero-shot top-1 and retrieval on `test` (a batch from `load_all`, with its class space); for each trigger
-    {name: options}, ASR (non-target and all), retrieval ASR and accuracy on triggered images."""
+    {name: options}, ASR (non-target and all) and retrieval ASR, suffixed `_<trigger>` where there are several
+    triggers (or `suffix_always`)."""
     images, labels, captions = test["images"], test["labels"], test["captions"]
     space = test.get("classes") or world_classes()
     if (labels < 0).any() or int(labels.max()) >= len(space.names):
@@ -127,7 +128,7 @@ def evaluate_model(clip: Clip, test: dict, triggers: dict[str, dict] | None = No
         for name, options in triggers.items():
             trig = encode_images(clip, trigger_images(images, name, options))
             pred = zeroshot_logits(trig, classes).argmax(dim=-1)
-            suffix = "" if len(triggers) == 1 else f"_{name}"
+            suffix = "" if len(triggers) == 1 and not suffix_always else f"_{name}"
             asr = attack_success_rate(pred, labels, t)
             metrics[f"asr{suffix}"] = asr["asr"]
             metrics[f"asr_all{suffix}"] = asr["asr_all"]

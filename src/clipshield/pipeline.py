@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -166,20 +167,31 @@ def load_test(ev: EvalParams, data_dir: str | Path = "data/test") -> dict:
     return shards.load_all(data_dir, limit=ev.test_n)
 
 
-def pretrain(p, ev: EvalParams, attack=None, data_dir="data", out_model="models/clean",
-             metrics_file="metrics/clean.json") -> dict:
+def pretrain(p, ev: EvalParams, data_dir="data", out_model="models/clean", metrics_file="metrics/clean.json") -> dict:
     """Pre-train a CLIP model from scratch (or from `p.pretrained`) on the clean train shards."""
     from .objectives import build_objective
     clip = create(p.model, pretrained=p.pretrained, seed=p.seed)
     test = load_test(ev, Path(data_dir) / "test")
     log = run_training(clip, build_objective("clip"), Path(data_dir) / "train", p, "pretrain", test=test)
-    # The clean model's "ASR" for every trigger is the baseline a backdoor is measured against.
-    triggers = {t: attack.options.get(t, {}) for t in TRIGGERS} if attack else None
     provenance = {"stage": "pretrain", "parent": p.pretrained or f"random init ({p.model}, seed {p.seed})",
                   "model_config": p.model, "data": {"train": data_hash(Path(data_dir) / "train")},
                   "params": vars(p), "training": log}
-    return finish_model(clip, "clean", out_model, metrics_file, provenance, test, ev, triggers,
-                        attack.target if attack else None)
+    return finish_model(clip, "clean", out_model, metrics_file, provenance, test, ev, None, None)
+
+
+def baseline(attack, ev: EvalParams, clean_model="models/clean", metrics_file="metrics/baseline.json") -> dict:
+    """The clean model's "ASR" for every trigger of `attack` (images it already calls the target): the baseline
+    a backdoor and a defence are judged against. A stage of its own, so that a changed attack re-runs this
+    evaluation, not the pre-training."""
+    t0 = time.perf_counter()
+    clip = load(clean_model)
+    test = load_test(ev)
+    metrics = evaluate_model(clip, test, triggers={t: attack.options.get(t, {}) for t in attack.triggers},
+                             target=attack.target, retrieval_n=ev.retrieval_n, suffix_always=True)
+    metrics = {k: v for k, v in metrics.items() if "asr" in k} | {"eval_seconds": round(time.perf_counter() - t0, 1)}
+    write_metrics(metrics_file, metrics)
+    summary(f"baseline ASR of the clean model (target {attack.target})", metrics)
+    return metrics
 
 
 # ---- attacks --------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ def collect(metrics_dir: Path, triggers: list[str], runs: dict | None = None) ->
     clean_file = metrics_dir / "clean.json"
     if clean_file.exists():
         m = json.loads(clean_file.read_text())
-        robust = metrics_dir / "robust-clean.json"
-        m |= json.loads(robust.read_text()) if robust.exists() else {}
+        for extra in ("robust-clean.json", "baseline.json"):  # its robust accuracy and its ASR per trigger
+            m |= json.loads((metrics_dir / extra).read_text()) if (metrics_dir / extra).exists() else {}
         for t in triggers:
             rows.append({**m, "model": "clean", "group": f"clean ({t})", "trigger": t, "method": "clean", "seed": None,
                          "asr": m.get(f"asr_{t}"), "asr_all": m.get(f"asr_all_{t}"),
@@ -193,17 +193,51 @@ def training_curves(log_dir: Path, out: Path) -> bool:
     return True
 
 
-def state(row: dict, clean_robust: float | None) -> str:
+# A cleaned model's backdoor is "removed" when its ASR is within REMOVED_PTS of the clean model's own ASR for the
+# trigger (images it already calls the target): the clean model differs by that much between training seeds, and
+# it is the bar the PAR paper's results clear. "Reduced" up to REDUCED_PTS above the clean model (the trigger
+# flips at most one prediction in five), "backdoored" beyond.
+REMOVED_PTS, REDUCED_PTS = 0.05, 0.20
+
+
+def backdoor_verdict(asr: float, baseline: float | None, attacker: float | None = None) -> str:
+    """removed / reduced / backdoored, judged against the clean model's baseline ASR, with the numbers beside."""
+    base = baseline or 0.0
+    word = "backdoor removed" if asr <= base + REMOVED_PTS else (
+        "backdoor reduced" if asr <= base + REDUCED_PTS else "backdoored")
+    numbers = [f"ASR {100 * asr:.1f}%", f"clean model {100 * base:.1f}%"]
+    if attacker is not None:
+        numbers.append(f"backdoored model {100 * attacker:.1f}%")
+    return f"{word} ({', '.join(numbers)})"
+
+
+def state(row: dict, clean_robust: float | None, baseline: float | None = None, attacker: float | None = None) -> str:
     """A one-phrase verdict: does the model carry a backdoor, and is it adversarially robust?"""
     words = []
     if isinstance(row.get("asr"), float) and row["method"] != "clean":
-        words.append("backdoored" if row["asr"] >= 0.5 else ("backdoor mostly removed" if row["asr"] >= 0.1
-                                                                 else "backdoor removed"))
+        words.append(backdoor_verdict(row["asr"], baseline, None if row["method"] == "backdoor" else attacker))
     r4 = row.get("robust_top1_eps4")
     if isinstance(r4, float) and clean_robust is not None and row["method"] != "clean":
         words.append(f"robust (+{100 * (r4 - clean_robust):.0f} pts at 4/255)" if r4 - clean_robust >= 0.2
                      else "not robust")
     return ", ".join(words) or "reference"
+
+
+STAGE_ORDER = ("data", "pretrain", "baseline", "poison", "backdoor", "synth", "clean", "robust", "harden", "report")
+
+
+def time_table(times_dir: Path, stages: set[str] | None = None) -> tuple[str, float]:
+    """Markdown table of the wall seconds every stage took (times/*.json, written by each stage), in pipeline
+    order, and the total: what `dvc repro` from scratch costs. `stages`: only these (the current pipeline's)."""
+    rows = [json.loads(p.read_text()) for p in sorted(times_dir.glob("*.json"))]
+    rows = [r for r in rows if stages is None or r["stage"] in stages]
+    order = {name: i for i, name in enumerate(STAGE_ORDER)}
+    rows.sort(key=lambda r: (order.get(r["stage"].split("@")[0], len(order)), r["stage"]))
+    total = sum(r["seconds"] for r in rows)
+    lines = ["| stage | seconds | minutes |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['seconds']:.0f} | {r['seconds'] / 60:.1f} |" for r in rows]
+    lines.append(f"| **total** | **{total:.0f}** | **{total / 60:.1f}** |")
+    return "\n".join(lines), total
 
 
 def write_plot_data(table: list[dict], log_dir: Path, out: Path) -> None:
@@ -225,14 +259,27 @@ def write_plot_data(table: list[dict], log_dir: Path, out: Path) -> None:
     (plots / "robust_vs_eps.json").write_text(json.dumps(robust, indent=1) + "\n")
 
 
+def pipeline_stages(triggers: list[str], methods: list[str], seeds: list[int], runs: dict) -> set[str]:
+    """The names of the stages of dvc.yaml for these params (the rows of the time table)."""
+    return ({"data", "pretrain", "baseline", "synth", "robust", "report"} | {f"poison@{t}" for t in triggers}
+            | {f"backdoor@{t}-{s}" for t in triggers for s in seeds}
+            | {f"clean@{t}-{m}-{s}" for t in triggers for m in methods for s in seeds} | {f"harden@{r}" for r in runs})
+
+
 def write_report(attack, metrics_dir: Path, out: Path, runs: dict | None = None,
-                 log_dir: Path = Path("dvclive")) -> Path:
+                 log_dir: Path = Path("dvclive"), data: dict[str, str] | None = None,
+                 times_dir: Path = Path("times"), stages: set[str] | None = None) -> Path:
+    """`data`: the training data every method saw ({method: path}), stated beside each defence."""
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(Path(metrics_dir), attack.triggers, runs)
     table = aggregate(rows)
     clean_robust = next((r.get("robust_top1_eps4") for r in table if r["method"] == "clean"), None)
+    baseline = {r["trigger"]: r.get("asr") for r in table if r["method"] == "clean"}
+    attacker = {r["trigger"]: r.get("asr") for r in table if r["method"] == "backdoor"}
     for r in table:
-        r["state"] = state(r, clean_robust)
+        r["state"] = state(r, clean_robust, baseline.get(r["trigger"]), attacker.get(r["trigger"]))
+        if data and r["method"] in data:
+            r["data"] = data[r["method"]]
     asr_vs_accuracy(table, out / "asr_vs_accuracy.png")
     has_robust = robust_vs_eps(table, out / "robust_vs_eps.png")
     trigger_gallery(out / "triggers.png", attack)
@@ -245,8 +292,16 @@ def write_report(attack, metrics_dir: Path, out: Path, runs: dict | None = None,
             "top-1 under the worst of APGD-CE and targeted APGD-DLR at eps E/255; `distortion_*`: "
             "E||f(x) - f_clean(x)||² on clean inputs and under PGD. "
             + (f"Mean ± 95% CI (t) over up to {seeds} training seeds." if seeds > 1 else "One training seed."), "",
-            markdown_table(table), "", "## State of every model", ""]
-    text += [f"- **{r['model']}**: {r['state']}" for r in table if r["method"] != "clean"] + [""]
+            markdown_table(table), "", "## State of every model", "",
+            f"A backdoor counts as removed when the ASR is within {100 * REMOVED_PTS:.0f} points of the clean model's "
+            f"own ASR for that trigger, reduced up to {100 * REDUCED_PTS:.0f} points above it, backdoored beyond.", ""]
+    text += [f"- **{r['model']}**: {r['state']}" + (f"; trained on `{r['data']}`" if r.get("data") else "")
+             for r in table if r["method"] != "clean"] + [""]
+    if Path(times_dir).is_dir():
+        table_md, total = time_table(Path(times_dir), stages)
+        text += ["## Where the time went", "",
+                 f"Wall time of every stage (process start to end, imports included) on this machine; "
+                 f"`dvc repro` from scratch runs them one after another: {total / 60:.1f} minutes.", "", table_md, ""]
     text += ["![ASR vs accuracy](asr_vs_accuracy.png)", ""]
     text += (["![robust accuracy vs eps](robust_vs_eps.png)", ""] if has_robust else [])
     text += ["![triggers](triggers.png)", ""] + (["![training curves](training_curves.png)", ""] if has_curves else [])

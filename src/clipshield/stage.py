@@ -30,15 +30,38 @@ def launch_distributed(params: str | Path) -> None:
     sys.exit(subprocess.run(cmd).returncode)
 
 
+TIMES_DIR = Path("times")
+
+
+def stage_name(argv: list[str]) -> str:
+    """The DVC stage a script runs as: `stages/clean.py blended par 0` -> clean@blended-par-0."""
+    return Path(argv[0]).stem + ("@" + "-".join(argv[1:]) if argv[1:] else "")
+
+
+def record_time(name: str, times_dir: Path = TIMES_DIR) -> float:
+    """Write this process's wall time so far (imports included) to times/<stage>.json: the report's time table."""
+    import json
+    import time
+
+    import psutil
+    seconds = round(time.time() - psutil.Process().create_time(), 1)
+    times_dir.mkdir(exist_ok=True)
+    (times_dir / f"{name}.json").write_text(json.dumps({"stage": name, "seconds": seconds}) + "\n")
+    return seconds
+
+
 def run(work, params: str | Path | None = "params.yaml", distributed: bool = False) -> None:
     """Validate the whole params file (every problem at once), then do `work` (a training stage with
-    `distributed`: under torchrun when train.nproc > 1)."""
+    `distributed`: under torchrun when train.nproc > 1). A stage script (stages/*.py) records its wall time."""
+    import os
     try:
         if params is not None and Path(params).exists():
             check_params(params)
             if distributed:
                 launch_distributed(params)
         work()
+        if Path(sys.argv[0]).parent.name == "stages" and os.environ.get("LOCAL_RANK", "0") == "0":
+            record_time(stage_name(sys.argv))
     except EXPECTED as e:
         # One unwrapped line, no markup: messages quote params and lists verbatim.
         console.print(f"error: {e}", style="bold red", highlight=False, soft_wrap=True, markup=False)

