@@ -116,3 +116,45 @@ def test_objectives_refuse_impossible_settings_when_built(method, kwargs):
 def test_unknown_objective_lists_the_valid_ones():
     with pytest.raises(ValueError, match="unknown objective 'fair'; valid: clip, finetune, par, cleanclip, fare, tecoa"):
         build_objective("fair")
+
+
+@pytest.mark.parametrize("n_classes", [5, 12])
+def test_apgd_t_targets_the_nine_most_likely_wrong_classes_of_each_sample(n_classes, monkeypatch):
+    import torchattacks
+
+    from clipshield.data.classes import ClassSpace
+    from clipshield.evaluation import class_embeddings
+    from clipshield.robust import ZeroShotClassifier
+    clip = create("smoke-rn", seed=0)
+    space = ClassSpace(tuple(f"thing{i}" for i in range(n_classes)), ("a photo of a {}.",), "test")
+    images = _batch(6)["images"]
+    clf = ZeroShotClassifier(clip, class_embeddings(clip, space)).eval()
+    with torch.no_grad():
+        logits = clf(images)
+    labels = logits.argmax(-1)  # every sample correct: APGD-T attacks all of them
+    seen = []
+    original = torchattacks.APGDT.dlr_loss_targeted
+
+    def spy(self, x, y, y_target):
+        seen.append(y_target.detach().cpu().clone())
+        return original(self, x, y, y_target)
+    monkeypatch.setattr(torchattacks.APGDT, "dlr_loss_targeted", spy)
+    # eps 0: nothing is ever fooled, so every target runs on every sample
+    res = robust_accuracy(clip, images, labels, 0.0, steps=2, classes=space)
+    assert res["robust_top1"] == 1.0
+    targets = [set() for _ in labels]
+    for y_target in seen:
+        for i, t in enumerate(y_target.tolist()):
+            targets[i].add(t)
+    expected = min(9, n_classes - 1)
+    for i, got in enumerate(targets):
+        ranked = [c for c in logits[i].argsort(descending=True).tolist() if c != labels[i]]
+        assert len(got) == expected
+        assert got == set(ranked[:expected])
+
+
+def test_n_target_classes_must_be_positive():
+    from clipshield.robust import target_classes
+    assert target_classes(1000) == 9 and target_classes(10) == 9 and target_classes(4) == 3
+    with pytest.raises(ValueError, match="n_target_classes"):
+        target_classes(10, 0)

@@ -348,6 +348,8 @@ def _constraints(v: dict) -> list[str]:
             need(0 <= e <= 255, "robust.eps", e, "eps is in 1/255 units: use numbers in [0, 255]")
         need(v["robust"].n >= 1, "robust.n", v["robust"].n, "use a whole number >= 1")
         need(v["robust"].steps >= 1, "robust.steps", v["robust"].steps, "use a whole number >= 1")
+        need(v["robust"].n_target_classes >= 1, "robust.n_target_classes", v["robust"].n_target_classes,
+             "use a whole number >= 1 (APGD-T's targets per sample; AutoAttack: 9)")
     return out
 
 
