@@ -158,3 +158,28 @@ def test_n_target_classes_must_be_positive():
     assert target_classes(1000) == 9 and target_classes(10) == 9 and target_classes(4) == 3
     with pytest.raises(ValueError, match="n_target_classes"):
         target_classes(10, 0)
+
+
+def test_pgd_momentum_is_the_reference_renormalised_sign_a_no_op_where_the_gradient_is_not_zero():
+    torch.manual_seed(2)
+    w = torch.randn(3, 3, 8, 8)
+    x = torch.rand(3, 3, 8, 8)
+    noise = torch.rand(x.shape) * 2 - 1
+    loss = lambda z: (w * torch.tanh(4 * z - 2)).sum() + (z - 0.5).pow(3).sum()  # noqa: E731  (gradients never 0)
+    plain = pgd(loss, x, 8 / 255, steps=6, step_size=1 / 255, start_noise=noise)
+    heavy = pgd(loss, x, 8 / 255, steps=6, step_size=1 / 255, start_noise=noise, momentum=0.9)
+    assert torch.equal(plain, heavy)
+
+
+def test_pgd_momentum_carries_the_last_direction_over_a_zero_gradient():
+    x = torch.full((1, 1, 2, 2), 0.5)
+    calls = []
+
+    def loss(z):  # gradient +1 at the first step, 0 afterwards
+        calls.append(1)
+        return z.sum() * (1.0 if len(calls) == 1 else 0.0)
+    still = pgd(loss, x, 8 / 255, steps=4, step_size=1 / 255, random_start=False, momentum=0.0)
+    calls.clear()
+    moving = pgd(loss, x, 8 / 255, steps=4, step_size=1 / 255, random_start=False, momentum=0.9)
+    assert torch.allclose(still - x, torch.full_like(x, 1 / 255))   # one step, then sign(0) = 0
+    assert torch.allclose(moving - x, torch.full_like(x, 4 / 255))  # v = sign(0.9 v + 0) = v: four steps

@@ -9,8 +9,8 @@ import torch
 from .attacks.triggers import apply_trigger
 from .data.classes import ClassSpace, world_classes
 from .models import Clip
+from .seeds import EVAL_SEED, EVAL_TRIGGER, derive_seed
 
-EVAL_SEED = 10_000_019  # trigger seeds of test image i: EVAL_SEED + i (never a training seed)
 
 
 # ---- pure functions -------------------------------------------------------------------------
@@ -99,8 +99,14 @@ def zeroshot_accuracy(clip: Clip, images: torch.Tensor, labels: torch.Tensor, cl
     return top1(zeroshot_logits(encode_images(clip, images), class_embeddings(clip, classes)), labels)
 
 
-def trigger_images(images: torch.Tensor, trigger: str, options: dict | None = None) -> torch.Tensor:
-    seeds = [EVAL_SEED + i for i in range(len(images))]
+def eval_seeds(start: int, n: int) -> list[int]:
+    """Trigger seeds of test images start..start+n-1 (a hash of their index: never a training sample's seed)."""
+    return [derive_seed(EVAL_TRIGGER, EVAL_SEED, i) for i in range(start, start + n)]
+
+
+def trigger_images(images: torch.Tensor, trigger: str, options: dict | None = None, start: int = 0) -> torch.Tensor:
+    """Test images `start`.. with the trigger applied, each with its own evaluation seed."""
+    seeds = eval_seeds(start, len(images))
     return apply_trigger(trigger, images, seeds, **(options or {}))
 
 

@@ -122,6 +122,12 @@ def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") 
 
 # ---- sections -------------------------------------------------------------------------------
 
+def warmup_steps(warmup: int | float, steps: int) -> int:
+    """Warm-up steps of a run of `steps` steps: a fraction of them when 0 < warmup < 1 (FARE: 0.07 = 7%),
+    else `warmup` itself, a whole number of steps (0: none)."""
+    return round(warmup * steps) if 0 < warmup < 1 else int(warmup)
+
+
 @dataclasses.dataclass
 class DataParams:
     world: str
@@ -140,10 +146,15 @@ class DataParams:
 @dataclasses.dataclass
 class TrainParams:
     """One fine-tuning/pre-training run; shared by pretrain, backdoor, clean and fare sections."""
+
+    def warmup_steps(self) -> int:
+        """`warmup` in steps: round(warmup * steps) for a fraction (< 1), the number itself otherwise."""
+        return warmup_steps(self.warmup, self.steps)
+
     steps: int
     batch_size: int
     lr: float
-    warmup: int = 0
+    warmup: int | float = 0           # linear warm-up: a fraction of `steps` when < 1 (0.07: 7%), else whole steps
     schedule: str = "cosine"
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -259,7 +270,11 @@ def _constraints(v: dict) -> list[str]:
                  + (" (0 only with pretrained weights: evaluate them as they are)" if name == "pretrain" else ""))
             need(p.batch_size >= 1, f"{name}.batch_size", p.batch_size, "use a whole number >= 1")
             need(p.lr > 0, f"{name}.lr", p.lr, "use a learning rate > 0")
-            need(p.warmup >= 0, f"{name}.warmup", p.warmup, "use 0 or more steps")
+            need(p.warmup >= 0 and (p.warmup < 1 or float(p.warmup).is_integer()), f"{name}.warmup", p.warmup,
+                 "use a fraction of the steps in [0, 1) (0.07: 7%) or a whole number of steps >= 1")
+            need(p.steps < 1 or p.warmup_steps() <= p.steps, f"{name}.warmup", p.warmup,
+                 f"it is longer than the run ({p.warmup_steps()} > {name}.steps = {p.steps}); use a fraction "
+                 f"(e.g. 0.07) or fewer steps")
             need(p.schedule in ("cosine", "par", "constant"), f"{name}.schedule", p.schedule,
                  "choose cosine, par or constant")
             need(p.weight_decay >= 0, f"{name}.weight_decay", p.weight_decay, "use a number >= 0")

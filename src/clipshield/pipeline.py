@@ -95,7 +95,7 @@ def make_data(p: DataParams, out: str | Path = "data") -> dict:
 # ---- training stages ------------------------------------------------------------------------
 
 def train_config(p: TrainParams) -> TrainConfig:
-    return TrainConfig(steps=p.steps, lr=p.lr, warmup=p.warmup, schedule=p.schedule, weight_decay=p.weight_decay,
+    return TrainConfig(steps=p.steps, lr=p.lr, warmup=p.warmup_steps(), schedule=p.schedule, weight_decay=p.weight_decay,
                        grad_clip=p.grad_clip, seed=p.seed, eval_every=p.eval_every)
 
 
