@@ -191,3 +191,26 @@ def test_every_profile_warms_fare_up_over_seven_percent_of_its_steps():
         p = parse(TrainParams, {k: v for k, v in raw["harden"].items() if k not in ("data", "runs")}, "harden")
         assert p.warmup == 0.07, profile
         assert p.warmup_steps() == round(0.07 * p.steps)
+
+
+def test_the_paper_profile_names_every_trigger_option_at_224_px(tmp_path):
+    """`clipshield profile paper` (apply_profile) gives the papers' trigger strengths, none of the tiny 32-px ones."""
+    import shutil
+    from pathlib import Path
+
+    from clipshield.attacks.triggers import TRIGGERS, scaled
+    root = Path(__file__).parent.parent
+    shutil.copy(root / "params.yaml", tmp_path / "params.yaml")
+    merged = apply_profile(root / "profiles" / "paper.yaml", tmp_path / "params.yaml")
+    assert merged == read_yaml(tmp_path / "params.yaml")
+    assert merged["data"]["image_size"] == 224
+    options = load_section(AttackParams, "attack", tmp_path / "params.yaml").options
+    assert options == {"badnet": {"patch": 16}, "badnet_stripes": {"patch": 16}, "blended": {"alpha": 0.2},
+                       "blended_stripes": {"alpha": 0.03}, "blended_triangles": {"alpha": 0.15, "tile": 14},
+                       "wanet": {"strength": 0.5, "grid": 224}}
+    assert set(options) == set(TRIGGERS)
+    for name, trigger in TRIGGERS.items():  # every option of every trigger is named
+        assert set(options[name]) == set(trigger.options), name
+    # the 224-px sizes are what the triggers' own scaled() defaults give at 224 px
+    assert options["badnet"]["patch"] == options["badnet_stripes"]["patch"] == scaled(16, 224)
+    assert options["blended_triangles"]["tile"] == scaled(14, 224)
