@@ -272,9 +272,6 @@ def _constraints(v: dict) -> list[str]:
             need(p.lr > 0, f"{name}.lr", p.lr, "use a learning rate > 0")
             need(p.warmup >= 0 and (p.warmup < 1 or float(p.warmup).is_integer()), f"{name}.warmup", p.warmup,
                  "use a fraction of the steps in [0, 1) (0.07: 7%) or a whole number of steps >= 1")
-            need(p.steps < 1 or p.warmup_steps() <= p.steps, f"{name}.warmup", p.warmup,
-                 f"it is longer than the run ({p.warmup_steps()} > {name}.steps = {p.steps}); use a fraction "
-                 f"(e.g. 0.07) or fewer steps")
             need(p.schedule in ("cosine", "par", "constant"), f"{name}.schedule", p.schedule,
                  "choose cosine, par or constant")
             need(p.weight_decay >= 0, f"{name}.weight_decay", p.weight_decay, "use a number >= 0")

@@ -31,19 +31,28 @@ def robust_accuracy(clip: Clip, images: torch.Tensor, labels: torch.Tensor, eps:
 
     APGD-T attacks each sample towards its `n_target_classes` most likely wrong classes (ranked by the clean
     logits; AutoAttack's default 9), or towards all other classes where there are fewer (`target_classes`)."""
+    batches = ({"images": images[i:i + batch_size], "labels": labels[i:i + batch_size]}
+               for i in range(0, len(images), batch_size))
+    return robust_accuracy_batches(clip, batches, eps, steps, classes, n_target_classes)
+
+
+def robust_accuracy_batches(clip: Clip, batches, eps: float, steps: int = 100, classes=None,
+                            n_target_classes: int = 9) -> dict[str, float]:
+    """`robust_accuracy` over an iterable of batches ({"images", "labels"}): memory is one batch."""
     import torchattacks
     clip.model.eval()
     dev = next(clip.model.parameters()).device
     clf = ZeroShotClassifier(clip, class_embeddings(clip, classes).to(dev)).eval()
     attacks = [torchattacks.APGD(clf, norm="Linf", eps=eps, steps=steps, loss="ce", seed=0),
                apgd_targeted(clf, eps, steps, target_classes(clf.classes.shape[0], n_target_classes))]
-    robust, max_dev = [], 0.0
-    for i in range(0, len(images), batch_size):
-        x, y = images[i:i + batch_size].to(dev), labels[i:i + batch_size].to(dev)
+    robust = total = 0
+    max_dev = 0.0
+    for batch in batches:
+        x, y = batch["images"].to(dev), batch["labels"].to(dev)
         ok, dev_i = robust_batch(clf, attacks, x, y, eps)
         max_dev = max(max_dev, dev_i)
-        robust.append(ok.cpu())
-    return {"robust_top1": torch.cat(robust).float().mean().item(), "max_perturbation": max_dev}
+        robust, total = robust + int(ok.sum()), total + len(y)
+    return {"robust_top1": (torch.tensor(float(robust)) / total).item(), "max_perturbation": max_dev}
 
 
 def target_classes(n_classes: int, n_target_classes: int = 9) -> int:
@@ -103,18 +112,23 @@ class RobustParams:
     n_target_classes: int = 9   # APGD-T targets per sample: the most likely wrong classes (AutoAttack: 9)
 
 
-def robust_accuracies(clip: Clip, test: dict, rp: RobustParams) -> dict:
-    """robust_top1_eps<E> for every eps of `rp` (1/255 units), on the first `rp.n` test images."""
-    images, labels = test["images"][:rp.n], test["labels"][:rp.n]
+ROBUST_BATCH = 250  # images per APGD call (torchattacks re-seeds every call: results depend on these chunks)
+
+
+def robust_accuracies(clip: Clip, test, rp: RobustParams) -> dict:
+    """robust_top1_eps<E> for every eps of `rp` (1/255 units), on the first `rp.n` test images of `test` (an in-memory
+    batch from `load_all` or a streamed `shards.EvalSet`)."""
+    from .evaluation import eval_batches, eval_classes
     return {f"robust_top1_eps{e:g}".replace(".", "_"):
-            robust_accuracy(clip, images, labels, e / 255, rp.steps, classes=test.get("classes"),
-                            n_target_classes=rp.n_target_classes)["robust_top1"]
+            robust_accuracy_batches(clip, eval_batches(test, ROBUST_BATCH, limit=rp.n), e / 255, rp.steps,
+                                    classes=eval_classes(test), n_target_classes=rp.n_target_classes)["robust_top1"]
             for e in rp.eps}
 
 
-def robust_metrics(clip: Clip, reference: Clip, test: dict, rp: RobustParams) -> dict:
+def robust_metrics(clip: Clip, reference: Clip, test, rp: RobustParams) -> dict:
     accuracies = robust_accuracies(clip, test, rp)  # first: the distortion's PGD start draws from the global RNG
-    return accuracies | embedding_distortion(clip, reference, test["images"][:rp.distortion_n], max(rp.eps) / 255)
+    head = test["images"][:rp.distortion_n] if isinstance(test, dict) else test.head(rp.distortion_n)["images"]
+    return accuracies | embedding_distortion(clip, reference, head, max(rp.eps) / 255)
 
 
 def harden(run: str, params_path: str | Path = "params.yaml") -> dict:
