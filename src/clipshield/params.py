@@ -227,6 +227,12 @@ class LaunchParams:
     precision: str = "auto"   # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
     compile: str = "auto"     # auto: on for GPU, off for CPU | on | off
     accum: int = 1            # micro-batches per step (gradient accumulation): batch_size / (nproc x accum) at a time
+    nnodes: int = 1           # machines per training stage; each runs the stage with nproc processes (torchrun)
+    rdzv_endpoint: str = ""   # with nnodes > 1: HOST:PORT where the machines meet (torchrun's c10d rendezvous)
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
 
 
 def load_launch(path: str | Path = "params.yaml") -> LaunchParams:
@@ -284,15 +290,25 @@ def _constraints(v: dict) -> list[str]:
         need(t.precision in ("auto", "bf16", "fp32"), "train.precision", t.precision, "choose auto, bf16 or fp32")
         need(t.compile in ("auto", "on", "off"), "train.compile", t.compile, "choose auto, on or off")
         need(t.accum >= 1, "train.accum", t.accum, "use a whole number >= 1 (micro-batches per step)")
+        need(t.nnodes >= 1, "train.nnodes", t.nnodes, "use a whole number >= 1 (machines per training stage)")
+        if t.nnodes > 1:
+            host, _, port = t.rdzv_endpoint.rpartition(":")
+            need(bool(host) and port.isdigit() and 0 < int(port) < 65536, "train.rdzv_endpoint", t.rdzv_endpoint,
+                 f"with train.nnodes = {t.nnodes} give HOST:PORT of the first machine, reachable from every other "
+                 f"(e.g. 10.0.0.1:29400)")
         from .distributed import available_devices
         have, kind = available_devices()
         if t.nproc > have:
             out.append(f"train.nproc = {t.nproc} but this machine has {have} {kind}; set train.nproc <= {have} "
                        f"(e.g. `dvc exp run -S train.nproc={have}`)")
         for name, p in v.items():
-            if isinstance(p, TrainParams) and 1 <= t.nproc <= have and t.accum >= 1 and p.batch_size % (t.nproc * t.accum):
-                out.append(f"`{name}.batch_size` = {p.batch_size} does not split over train.nproc x train.accum = "
-                           f"{t.nproc} x {t.accum}; use a multiple of {t.nproc * t.accum}")
+            split = t.nproc * t.nnodes * t.accum
+            if isinstance(p, TrainParams) and 1 <= t.nproc <= have and t.accum >= 1 and t.nnodes >= 1 \
+                    and p.batch_size % split:
+                over = "train.nproc x train.accum" if t.nnodes == 1 else "train.nproc x train.nnodes x train.accum"
+                sizes = f"{t.nproc} x {t.accum}" if t.nnodes == 1 else f"{t.nproc} x {t.nnodes} x {t.accum}"
+                out.append(f"`{name}.batch_size` = {p.batch_size} does not split over {over} = "
+                           f"{sizes}; use a multiple of {split}")
     classes = None
     if "data" in v:
         d = v["data"]
