@@ -117,9 +117,12 @@ def test_the_torchrun_command_for_one_and_for_several_machines():
     two = torchrun_command(LaunchParams(nproc=8, nnodes=2, rdzv_endpoint="10.0.0.1:29400"), ["stages/clean.py", "par"])
     assert two[1:6] == ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=8", "--rdzv-backend=c10d"]
     assert "--rdzv-endpoint=10.0.0.1:29400" in two and two[-2:] == ["stages/clean.py", "par"]
-    run_id = [a for a in two if a.startswith("--rdzv-id=")]
-    assert run_id and run_id != [a for a in torchrun_command(LaunchParams(nproc=8, nnodes=2, rdzv_endpoint="h:1"),
-                                                             ["stages/clean.py", "finetune"]) if a.startswith("--rdzv-id")]
+    def run_id(cmd):
+        return [a for a in cmd if a.startswith("--rdzv-id=")]
+    other = torchrun_command(LaunchParams(nproc=8, nnodes=2, rdzv_endpoint="h:1"), ["stages/clean.py", "finetune"])
+    same = torchrun_command(LaunchParams(nproc=8, nnodes=2, rdzv_endpoint="h:1"), ["/elsewhere/stages/clean.py", "par"])
+    assert run_id(two) and run_id(two) != run_id(other)   # two stages never join each other's group
+    assert run_id(two) == run_id(same)                    # one stage on two machines does, wherever its checkout
 
 
 @pytest.mark.parametrize("train, expected", [

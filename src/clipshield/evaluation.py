@@ -12,7 +12,6 @@ from .models import Clip
 from .seeds import EVAL_SEED, EVAL_TRIGGER, derive_seed
 
 
-
 # ---- pure functions -------------------------------------------------------------------------
 
 def zeroshot_logits(image_features: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
@@ -153,7 +152,8 @@ def evaluate_model(clip: Clip, test, triggers: dict[str, dict] | None = None, ta
         y = batch["labels"]
         if (y < 0).any() or int(y.max()) >= len(space.names):
             raise ValueError(f"the test set's labels must lie in 0..{len(space.names) - 1} (its {len(space.names)} "
-                             f"classes, {space.source}); found {int(y.min())}..{int(y.max())}: is it a labelled test set?")
+                             f"classes, {space.source}); found {int(y.min())}..{int(y.max())}: "
+                             f"is it a labelled test set?")
         f = encode_images(clip, batch["images"], batch_size=EVAL_BATCH)
         correct += int((zeroshot_logits(f, classes).argmax(dim=-1) == y).sum())
         total += len(y)
