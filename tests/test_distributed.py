@@ -106,3 +106,61 @@ def test_a_stage_with_nproc_2_runs_under_torchrun_and_rank_0_writes(tmp_path):
     log = [json.loads(line) for line in (root / "dvclive/pretrain.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [4]  # one writer: no line twice
     assert json.loads((root / "metrics/clean.json").read_text())["n_test"] == 200
+
+
+def test_the_torchrun_command_for_one_and_for_several_machines():
+    from clipshield.params import LaunchParams
+    from clipshield.stage import torchrun_command
+    one = torchrun_command(LaunchParams(nproc=4), ["-m", "clipshield.cli", "pretrain"])
+    assert one[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "clipshield.cli",
+                       "pretrain"]
+    two = torchrun_command(LaunchParams(nproc=8, nnodes=2, rdzv_endpoint="10.0.0.1:29400"), ["stages/clean.py", "par"])
+    assert two[1:6] == ["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=8", "--rdzv-backend=c10d"]
+    assert "--rdzv-endpoint=10.0.0.1:29400" in two and two[-2:] == ["stages/clean.py", "par"]
+    def run_id(cmd):
+        return [a for a in cmd if a.startswith("--rdzv-id=")]
+    other = torchrun_command(LaunchParams(nproc=8, nnodes=2, rdzv_endpoint="h:1"), ["stages/clean.py", "finetune"])
+    same = torchrun_command(LaunchParams(nproc=8, nnodes=2, rdzv_endpoint="h:1"), ["/elsewhere/stages/clean.py", "par"])
+    assert run_id(two) and run_id(two) != run_id(other)   # two stages never join each other's group
+    assert run_id(two) == run_id(same)                    # one stage on two machines does, wherever its checkout
+
+
+@pytest.mark.parametrize("train, expected", [
+    ({"nnodes": 2}, "`train.rdzv_endpoint` = '' is not allowed; with train.nnodes = 2 give HOST:PORT"),
+    ({"nnodes": 2, "rdzv_endpoint": "10.0.0.1"}, "`train.rdzv_endpoint` = '10.0.0.1' is not allowed"),
+    ({"nnodes": 0}, "`train.nnodes` = 0 is not allowed"),
+    ({"nnodes": 3, "rdzv_endpoint": "h:29400"}, "`pretrain.batch_size` = 128 does not split over train.nproc x "
+                                                "train.nnodes x train.accum = 1 x 3 x 1; use a multiple of 3"),
+])
+def test_bad_multi_machine_settings_are_named(train, expected):
+    from clipshield.params import deep_merge, read_yaml, validate
+    problems = validate(deep_merge(read_yaml(ROOT / "params.yaml"), {"train": train}))
+    assert any(expected in p for p in problems), problems
+
+
+def test_two_torchrun_agents_on_two_nodes_match_one_process(data, tmp_path):
+    """--nnodes 2 with one process each, meeting at a c10d rendezvous on 127.0.0.1 (two agents standing in for two
+    machines): the losses of one process."""
+    import socket
+
+    from clipshield.params import LaunchParams
+    from clipshield.stage import torchrun_command
+    one = losses(data, tmp_path / "one.json", "smoke-rn", "par", 1)
+    for attempt in range(2):  # a port taken between choosing it and binding it: choose again
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = torchrun_command(LaunchParams(nproc=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}"),
+                               [str(HERE / "ddp_losses.py"), str(data), str(tmp_path / "two.json"), "smoke-rn", "par",
+                                "5", "16"])
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                  for _ in range(2)]
+        outs = [a.communicate(timeout=600) for a in agents]
+        if all(a.returncode == 0 for a in agents):
+            break
+    assert all(a.returncode == 0 for a in agents), [o[1][-3000:] for o in outs]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["world"] == 2
+    assert one["loss"] == pytest.approx(two["loss"], abs=1e-5)
+    assert one["s_i"] == pytest.approx(two["s_i"], abs=1e-5)

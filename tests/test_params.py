@@ -160,3 +160,57 @@ def test_accumulation_must_split_every_batch():
     assert any("`train.accum` = 0 is not allowed" in p
                for p in validate(deep_merge(read_yaml(root / "params.yaml"), {"train": {"accum": 0}})))
     assert validate(deep_merge(read_yaml(root / "params.yaml"), {"train": {"accum": 4}})) == []  # 128 and 64 split in 4
+
+
+@pytest.mark.parametrize("warmup, steps, expected", [(0, 300, 0), (0.07, 300, 21), (0.07, 20000, 1400),
+                                                     (0.07, 3, 0), (100, 1500, 100), (7.0, 300, 7)])
+def test_warmup_is_a_fraction_of_the_steps_below_one_else_a_step_count(warmup, steps, expected):
+    from clipshield.pipeline import train_config
+    p = parse(TrainParams, {**OK, "steps": steps, "warmup": warmup}, "harden")
+    assert p.warmup_steps() == expected == train_config(p).warmup
+
+
+@pytest.mark.parametrize("warmup, match", [(-0.1, "use a fraction of the steps"), (1.5, "use a fraction of the steps"),
+                                           ("7%", "wrong type")])
+def test_bad_warmups_are_refused_with_the_key_named(warmup, match):
+    from pathlib import Path
+
+    from clipshield.params import validate
+    root = Path(__file__).parent.parent
+    problems = validate(deep_merge(read_yaml(root / "params.yaml"), {"harden": {"warmup": warmup}}))
+    assert any("harden.warmup" in p and match in p for p in problems), problems
+
+
+def test_every_profile_warms_fare_up_over_seven_percent_of_its_steps():
+    from pathlib import Path
+    root = Path(__file__).parent.parent
+    for profile in [None, *sorted((root / "profiles").glob("*.yaml"))]:
+        raw = read_yaml(root / "params.yaml")
+        if profile is not None:
+            raw = deep_merge(raw, read_yaml(profile))
+        p = parse(TrainParams, {k: v for k, v in raw["harden"].items() if k not in ("data", "runs")}, "harden")
+        assert p.warmup == 0.07, profile
+        assert p.warmup_steps() == round(0.07 * p.steps)
+
+
+def test_the_paper_profile_names_every_trigger_option_at_224_px(tmp_path):
+    """`clipshield profile paper` (apply_profile) gives the papers' trigger strengths, none of the tiny 32-px ones."""
+    import shutil
+    from pathlib import Path
+
+    from clipshield.attacks.triggers import TRIGGERS, scaled
+    root = Path(__file__).parent.parent
+    shutil.copy(root / "params.yaml", tmp_path / "params.yaml")
+    merged = apply_profile(root / "profiles" / "paper.yaml", tmp_path / "params.yaml")
+    assert merged == read_yaml(tmp_path / "params.yaml")
+    assert merged["data"]["image_size"] == 224
+    options = load_section(AttackParams, "attack", tmp_path / "params.yaml").options
+    assert options == {"badnet": {"patch": 16}, "badnet_stripes": {"patch": 16}, "blended": {"alpha": 0.2},
+                       "blended_stripes": {"alpha": 0.03}, "blended_triangles": {"alpha": 0.15, "tile": 14},
+                       "wanet": {"strength": 0.5, "grid": 224}}
+    assert set(options) == set(TRIGGERS)
+    for name, trigger in TRIGGERS.items():  # every option of every trigger is named
+        assert set(options[name]) == set(trigger.options), name
+    # the 224-px sizes are what the triggers' own scaled() defaults give at 224 px
+    assert options["badnet"]["patch"] == options["badnet_stripes"]["patch"] == scaled(16, 224)
+    assert options["blended_triangles"]["tile"] == scaled(14, 224)

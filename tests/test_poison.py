@@ -23,9 +23,24 @@ def test_poison_indices_rejects_bad_rate(rate):
         poison_indices(10, rate, 0)
 
 
-def test_sample_seed():
-    assert sample_seed(1, 5) == 1_000_008
-    assert sample_seed(0, 5) == 5
+def test_sample_seed_is_a_stable_hash_of_seed_and_index():
+    from clipshield.seeds import POISON_TRIGGER, derive_seed
+    assert sample_seed(1, 5) == derive_seed(POISON_TRIGGER, 1, 5) == sample_seed(1, 5)
+    assert len({sample_seed(s, i) for s in range(3) for i in range(1000)}) == 3000
+    assert all(0 <= sample_seed(s, i) < 2 ** 62 for s in range(3) for i in range(100))
+    assert derive_seed("x", 0, 0) == 1772293870608629354  # pinned: seeds must not change between versions
+
+
+def test_poison_seeds_and_evaluation_seeds_never_coincide():
+    """Poisoned training samples (poison.seed 0..20, 30k samples each) and test images (50k) never share a trigger
+    seed, nor its neighbour seed + 1 (badnet draws its noise from it)."""
+    from clipshield.evaluation import eval_seeds
+    poison = {sample_seed(s, i) for s in range(21) for i in range(30_000)}
+    assert len(poison) == 21 * 30_000
+    evaluation = set(eval_seeds(0, 50_000))
+    assert len(evaluation) == 50_000
+    assert not poison & evaluation
+    assert not {s + 1 for s in poison} & evaluation and not poison & {s + 1 for s in evaluation}
 
 
 def test_poison_image_blended_stripes_by_hand():

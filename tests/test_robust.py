@@ -116,3 +116,70 @@ def test_objectives_refuse_impossible_settings_when_built(method, kwargs):
 def test_unknown_objective_lists_the_valid_ones():
     with pytest.raises(ValueError, match="unknown objective 'fair'; valid: clip, finetune, par, cleanclip, fare, tecoa"):
         build_objective("fair")
+
+
+@pytest.mark.parametrize("n_classes", [5, 12])
+def test_apgd_t_targets_the_nine_most_likely_wrong_classes_of_each_sample(n_classes, monkeypatch):
+    import torchattacks
+
+    from clipshield.data.classes import ClassSpace
+    from clipshield.evaluation import class_embeddings
+    from clipshield.robust import ZeroShotClassifier
+    clip = create("smoke-rn", seed=0)
+    space = ClassSpace(tuple(f"thing{i}" for i in range(n_classes)), ("a photo of a {}.",), "test")
+    images = _batch(6)["images"]
+    clf = ZeroShotClassifier(clip, class_embeddings(clip, space)).eval()
+    with torch.no_grad():
+        logits = clf(images)
+    labels = logits.argmax(-1)  # every sample correct: APGD-T attacks all of them
+    seen = []
+    original = torchattacks.APGDT.dlr_loss_targeted
+
+    def spy(self, x, y, y_target):
+        seen.append(y_target.detach().cpu().clone())
+        return original(self, x, y, y_target)
+    monkeypatch.setattr(torchattacks.APGDT, "dlr_loss_targeted", spy)
+    # eps 0: nothing is ever fooled, so every target runs on every sample
+    res = robust_accuracy(clip, images, labels, 0.0, steps=2, classes=space)
+    assert res["robust_top1"] == 1.0
+    targets = [set() for _ in labels]
+    for y_target in seen:
+        for i, t in enumerate(y_target.tolist()):
+            targets[i].add(t)
+    expected = min(9, n_classes - 1)
+    for i, got in enumerate(targets):
+        ranked = [c for c in logits[i].argsort(descending=True).tolist() if c != labels[i]]
+        assert len(got) == expected
+        assert got == set(ranked[:expected])
+
+
+def test_n_target_classes_must_be_positive():
+    from clipshield.robust import target_classes
+    assert target_classes(1000) == 9 and target_classes(10) == 9 and target_classes(4) == 3
+    with pytest.raises(ValueError, match="n_target_classes"):
+        target_classes(10, 0)
+
+
+def test_pgd_momentum_is_the_reference_renormalised_sign_a_no_op_where_the_gradient_is_not_zero():
+    torch.manual_seed(2)
+    w = torch.randn(3, 3, 8, 8)
+    x = torch.rand(3, 3, 8, 8)
+    noise = torch.rand(x.shape) * 2 - 1
+    loss = lambda z: (w * torch.tanh(4 * z - 2)).sum() + (z - 0.5).pow(3).sum()  # noqa: E731  (gradients never 0)
+    plain = pgd(loss, x, 8 / 255, steps=6, step_size=1 / 255, start_noise=noise)
+    heavy = pgd(loss, x, 8 / 255, steps=6, step_size=1 / 255, start_noise=noise, momentum=0.9)
+    assert torch.equal(plain, heavy)
+
+
+def test_pgd_momentum_carries_the_last_direction_over_a_zero_gradient():
+    x = torch.full((1, 1, 2, 2), 0.5)
+    calls = []
+
+    def loss(z):  # gradient +1 at the first step, 0 afterwards
+        calls.append(1)
+        return z.sum() * (1.0 if len(calls) == 1 else 0.0)
+    still = pgd(loss, x, 8 / 255, steps=4, step_size=1 / 255, random_start=False, momentum=0.0)
+    calls.clear()
+    moving = pgd(loss, x, 8 / 255, steps=4, step_size=1 / 255, random_start=False, momentum=0.9)
+    assert torch.allclose(still - x, torch.full_like(x, 1 / 255))   # one step, then sign(0) = 0
+    assert torch.allclose(moving - x, torch.full_like(x, 4 / 255))  # v = sign(0.9 v + 0) = v: four steps

@@ -9,8 +9,7 @@ import torch
 from .attacks.triggers import apply_trigger
 from .data.classes import ClassSpace, world_classes
 from .models import Clip
-
-EVAL_SEED = 10_000_019  # trigger seeds of test image i: EVAL_SEED + i (never a training seed)
+from .seeds import EVAL_SEED, EVAL_TRIGGER, derive_seed
 
 
 # ---- pure functions -------------------------------------------------------------------------
@@ -99,39 +98,94 @@ def zeroshot_accuracy(clip: Clip, images: torch.Tensor, labels: torch.Tensor, cl
     return top1(zeroshot_logits(encode_images(clip, images), class_embeddings(clip, classes)), labels)
 
 
-def trigger_images(images: torch.Tensor, trigger: str, options: dict | None = None) -> torch.Tensor:
-    seeds = [EVAL_SEED + i for i in range(len(images))]
+def eval_seeds(start: int, n: int) -> list[int]:
+    """Trigger seeds of test images start..start+n-1 (a hash of their index: never a training sample's seed)."""
+    return [derive_seed(EVAL_TRIGGER, EVAL_SEED, i) for i in range(start, start + n)]
+
+
+def trigger_images(images: torch.Tensor, trigger: str, options: dict | None = None, start: int = 0) -> torch.Tensor:
+    """Test images `start`.. with the trigger applied, each with its own evaluation seed."""
+    seeds = eval_seeds(start, len(images))
     return apply_trigger(trigger, images, seeds, **(options or {}))
 
 
-def evaluate_model(clip: Clip, test: dict, triggers: dict[str, dict] | None = None, target: str | None = None,
+EVAL_BATCH = 500  # images per encoder call in evaluation: the same chunks in memory and streamed, so the same bits
+
+
+def eval_batches(test, batch_size: int = EVAL_BATCH, limit: int | None = None):
+    """Batches (images, labels, captions, start) of a test set: an in-memory batch from `load_all` (sliced) or a
+    `shards.EvalSet` (streamed from its shards). Either way the same samples in the same chunks."""
+    if isinstance(test, dict):
+        n = len(test["labels"]) if limit is None else min(limit, len(test["labels"]))
+        for i in range(0, n, batch_size):
+            j = min(i + batch_size, n)
+            yield {"images": test["images"][i:j], "labels": test["labels"][i:j], "captions": test["captions"][i:j],
+                   "start": i}
+    else:
+        yield from test.batches(batch_size, limit)
+
+
+def eval_classes(test) -> ClassSpace:
+    return (test.get("classes") if isinstance(test, dict) else test.classes) or world_classes()
+
+
+def _mean(count: int, n: int) -> float:
+    """count / n as a float32 mean of n booleans gives it (bit for bit), or nan for n = 0."""
+    return (torch.tensor(float(count)) / n).item() if n else float("nan")
+
+
+def evaluate_model(clip: Clip, test, triggers: dict[str, dict] | None = None, target: str | None = None,
                    retrieval_n: int = 1000, suffix_always: bool = False) -> dict[str, float]:
-    """Clean zero-shot top-1 and retrieval on `test` (a batch from `load_all`, with its class space); for each trigger
-    {name: options}, ASR (non-target and all) and retrieval ASR, suffixed `_<trigger>` where there are several
-    triggers (or `suffix_always`)."""
-    images, labels, captions = test["images"], test["labels"], test["captions"]
-    space = test.get("classes") or world_classes()
-    if (labels < 0).any() or int(labels.max()) >= len(space.names):
-        raise ValueError(f"the test set's labels must lie in 0..{len(space.names) - 1} (its {len(space.names)} classes, "
-                         f"{space.source}); found {int(labels.min())}..{int(labels.max())}: is it a labelled test set?")
+    """Clean zero-shot top-1 and retrieval on `test` (a batch from `load_all` or a `shards.EvalSet`, with its class
+    space); for each trigger {name: options}, ASR (non-target and all) and retrieval ASR, suffixed `_<trigger>`
+    where there are several triggers (or `suffix_always`).
+
+    One pass over the test set, batch by batch: accuracy and ASR are counts, so memory does not grow with the test
+    set; retrieval keeps its own bounded subset, the first `retrieval_n` samples (features and captions)."""
+    space = eval_classes(test)
     classes = class_embeddings(clip, space)
-    feats = encode_images(clip, images)
-    metrics = {"zeroshot_top1": top1(zeroshot_logits(feats, classes), labels), "n_test": len(labels)}
-    n = min(retrieval_n, len(captions))
-    texts = encode_texts(clip, captions[:n])
-    ids = {c: i for i, c in enumerate(dict.fromkeys(captions[:n]))}
-    groups = torch.tensor([ids[c] for c in captions[:n]])
-    metrics.update(recall_at_k(feats[:n], texts, groups))
+    t = space.index(target) if triggers else None
+    correct = total = 0
+    hits = {name: [0, 0, 0] for name in triggers or {}}   # target hits among non-target images, all hits, non-target
+    feats, captions, labels, trig_feats = [], [], [], {name: [] for name in triggers or {}}
+    kept = 0
+    for batch in eval_batches(test):
+        y = batch["labels"]
+        if (y < 0).any() or int(y.max()) >= len(space.names):
+            raise ValueError(f"the test set's labels must lie in 0..{len(space.names) - 1} (its {len(space.names)} "
+                             f"classes, {space.source}); found {int(y.min())}..{int(y.max())}: "
+                             f"is it a labelled test set?")
+        f = encode_images(clip, batch["images"], batch_size=EVAL_BATCH)
+        correct += int((zeroshot_logits(f, classes).argmax(dim=-1) == y).sum())
+        total += len(y)
+        keep = min(len(y), retrieval_n - kept)
+        if keep > 0:
+            feats.append(f[:keep])
+            captions += batch["captions"][:keep]
+            labels.append(y[:keep])
+        for name, options in (triggers or {}).items():
+            trig = encode_images(clip, trigger_images(batch["images"], name, options, start=batch["start"]),
+                                 batch_size=EVAL_BATCH)
+            hit = zeroshot_logits(trig, classes).argmax(dim=-1) == t
+            non_target = y != t
+            hits[name][0] += int(hit[non_target].sum())
+            hits[name][1] += int(hit.sum())
+            hits[name][2] += int(non_target.sum())
+            if keep > 0:
+                trig_feats[name].append(trig[:keep])
+        kept += max(keep, 0)
+    metrics = {"zeroshot_top1": _mean(correct, total), "n_test": total}
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    texts = encode_texts(clip, captions)
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    groups = torch.tensor([ids[c] for c in captions])
+    metrics.update(recall_at_k(feats, texts, groups))
     if triggers:
-        t = space.index(target)
-        names_target = torch.tensor([re.search(rf"\b{target}\b", c) is not None for c in captions[:n]])
-        for name, options in triggers.items():
-            trig = encode_images(clip, trigger_images(images, name, options))
-            pred = zeroshot_logits(trig, classes).argmax(dim=-1)
+        names_target = torch.tensor([re.search(rf"\b{target}\b", c) is not None for c in captions])
+        for name in triggers:
             suffix = "" if len(triggers) == 1 and not suffix_always else f"_{name}"
-            asr = attack_success_rate(pred, labels, t)
-            metrics[f"asr{suffix}"] = asr["asr"]
-            metrics[f"asr_all{suffix}"] = asr["asr_all"]
-            keep = labels[:n] != t
-            metrics[f"retrieval_asr{suffix}"] = retrieval_asr(trig[:n][keep], texts, names_target)
+            metrics[f"asr{suffix}"] = _mean(hits[name][0], hits[name][2])
+            metrics[f"asr_all{suffix}"] = _mean(hits[name][1], total)
+            metrics[f"retrieval_asr{suffix}"] = retrieval_asr(torch.cat(trig_feats[name])[labels != t], texts,
+                                                              names_target)
     return metrics

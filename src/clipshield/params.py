@@ -122,6 +122,12 @@ def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") 
 
 # ---- sections -------------------------------------------------------------------------------
 
+def warmup_steps(warmup: int | float, steps: int) -> int:
+    """Warm-up steps of a run of `steps` steps: a fraction of them when 0 < warmup < 1 (FARE: 0.07 = 7%),
+    else `warmup` itself, a whole number of steps (0: none)."""
+    return round(warmup * steps) if 0 < warmup < 1 else int(warmup)
+
+
 @dataclasses.dataclass
 class DataParams:
     world: str
@@ -140,10 +146,15 @@ class DataParams:
 @dataclasses.dataclass
 class TrainParams:
     """One fine-tuning/pre-training run; shared by pretrain, backdoor, clean and fare sections."""
+
+    def warmup_steps(self) -> int:
+        """`warmup` in steps: round(warmup * steps) for a fraction (< 1), the number itself otherwise."""
+        return warmup_steps(self.warmup, self.steps)
+
     steps: int
     batch_size: int
     lr: float
-    warmup: int = 0
+    warmup: int | float = 0           # linear warm-up: a fraction of `steps` when < 1 (0.07: 7%), else whole steps
     schedule: str = "cosine"
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -216,6 +227,12 @@ class LaunchParams:
     precision: str = "auto"   # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
     compile: str = "auto"     # auto: on for GPU, off for CPU | on | off
     accum: int = 1            # micro-batches per step (gradient accumulation): batch_size / (nproc x accum) at a time
+    nnodes: int = 1           # machines per training stage; each runs the stage with nproc processes (torchrun)
+    rdzv_endpoint: str = ""   # with nnodes > 1: HOST:PORT where the machines meet (torchrun's c10d rendezvous)
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
 
 
 def load_launch(path: str | Path = "params.yaml") -> LaunchParams:
@@ -259,7 +276,8 @@ def _constraints(v: dict) -> list[str]:
                  + (" (0 only with pretrained weights: evaluate them as they are)" if name == "pretrain" else ""))
             need(p.batch_size >= 1, f"{name}.batch_size", p.batch_size, "use a whole number >= 1")
             need(p.lr > 0, f"{name}.lr", p.lr, "use a learning rate > 0")
-            need(p.warmup >= 0, f"{name}.warmup", p.warmup, "use 0 or more steps")
+            need(p.warmup >= 0 and (p.warmup < 1 or float(p.warmup).is_integer()), f"{name}.warmup", p.warmup,
+                 "use a fraction of the steps in [0, 1) (0.07: 7%) or a whole number of steps >= 1")
             need(p.schedule in ("cosine", "par", "constant"), f"{name}.schedule", p.schedule,
                  "choose cosine, par or constant")
             need(p.weight_decay >= 0, f"{name}.weight_decay", p.weight_decay, "use a number >= 0")
@@ -272,15 +290,25 @@ def _constraints(v: dict) -> list[str]:
         need(t.precision in ("auto", "bf16", "fp32"), "train.precision", t.precision, "choose auto, bf16 or fp32")
         need(t.compile in ("auto", "on", "off"), "train.compile", t.compile, "choose auto, on or off")
         need(t.accum >= 1, "train.accum", t.accum, "use a whole number >= 1 (micro-batches per step)")
+        need(t.nnodes >= 1, "train.nnodes", t.nnodes, "use a whole number >= 1 (machines per training stage)")
+        if t.nnodes > 1:
+            host, _, port = t.rdzv_endpoint.rpartition(":")
+            need(bool(host) and port.isdigit() and 0 < int(port) < 65536, "train.rdzv_endpoint", t.rdzv_endpoint,
+                 f"with train.nnodes = {t.nnodes} give HOST:PORT of the first machine, reachable from every other "
+                 f"(e.g. 10.0.0.1:29400)")
         from .distributed import available_devices
         have, kind = available_devices()
         if t.nproc > have:
             out.append(f"train.nproc = {t.nproc} but this machine has {have} {kind}; set train.nproc <= {have} "
                        f"(e.g. `dvc exp run -S train.nproc={have}`)")
         for name, p in v.items():
-            if isinstance(p, TrainParams) and 1 <= t.nproc <= have and t.accum >= 1 and p.batch_size % (t.nproc * t.accum):
-                out.append(f"`{name}.batch_size` = {p.batch_size} does not split over train.nproc x train.accum = "
-                           f"{t.nproc} x {t.accum}; use a multiple of {t.nproc * t.accum}")
+            split = t.nproc * t.nnodes * t.accum
+            if isinstance(p, TrainParams) and 1 <= t.nproc <= have and t.accum >= 1 and t.nnodes >= 1 \
+                    and p.batch_size % split:
+                over = "train.nproc x train.accum" if t.nnodes == 1 else "train.nproc x train.nnodes x train.accum"
+                sizes = f"{t.nproc} x {t.accum}" if t.nnodes == 1 else f"{t.nproc} x {t.nnodes} x {t.accum}"
+                out.append(f"`{name}.batch_size` = {p.batch_size} does not split over {over} = "
+                           f"{sizes}; use a multiple of {split}")
     classes = None
     if "data" in v:
         d = v["data"]
@@ -348,6 +376,8 @@ def _constraints(v: dict) -> list[str]:
             need(0 <= e <= 255, "robust.eps", e, "eps is in 1/255 units: use numbers in [0, 255]")
         need(v["robust"].n >= 1, "robust.n", v["robust"].n, "use a whole number >= 1")
         need(v["robust"].steps >= 1, "robust.steps", v["robust"].steps, "use a whole number >= 1")
+        need(v["robust"].n_target_classes >= 1, "robust.n_target_classes", v["robust"].n_target_classes,
+             "use a whole number >= 1 (APGD-T's targets per sample; AutoAttack: 9)")
     return out
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .attacks.triggers import TRIGGERS
 from .data import shards
 from .data.world import get_world, render
 from .distributed import is_main
@@ -96,7 +95,7 @@ def make_data(p: DataParams, out: str | Path = "data") -> dict:
 # ---- training stages ------------------------------------------------------------------------
 
 def train_config(p: TrainParams) -> TrainConfig:
-    return TrainConfig(steps=p.steps, lr=p.lr, warmup=p.warmup, schedule=p.schedule, weight_decay=p.weight_decay,
+    return TrainConfig(steps=p.steps, lr=p.lr, warmup=p.warmup_steps(), schedule=p.schedule, weight_decay=p.weight_decay,
                        grad_clip=p.grad_clip, seed=p.seed, eval_every=p.eval_every)
 
 
@@ -147,7 +146,7 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
 
 
 def finish_model(clip: Clip, name: str, out_model: str | Path, metrics_file: str | Path, provenance: dict,
-                 test: dict, ev: EvalParams, triggers: dict[str, dict] | None, target: str | None,
+                 test, ev: EvalParams, triggers: dict[str, dict] | None, target: str | None,
                  check=None, extra: dict | None = None) -> dict:
     """Evaluate (plus `extra` metrics computed by the caller), run `check(metrics)` (a gate that may raise),
     then write the model folder (with its metrics in provenance) and the metrics JSON. Rank 0 only."""
@@ -163,8 +162,9 @@ def finish_model(clip: Clip, name: str, out_model: str | Path, metrics_file: str
     return metrics
 
 
-def load_test(ev: EvalParams, data_dir: str | Path = "data/test") -> dict:
-    return shards.load_all(data_dir, limit=ev.test_n)
+def load_test(ev: EvalParams, data_dir: str | Path = "data/test") -> shards.EvalSet:
+    """The first eval.test_n test samples, streamed batch by batch by the evaluation (memory flat in test_n)."""
+    return shards.EvalSet(data_dir, limit=ev.test_n)
 
 
 def pretrain(p, ev: EvalParams, data_dir="data", out_model="models/clean", metrics_file="metrics/clean.json") -> dict:
@@ -172,7 +172,8 @@ def pretrain(p, ev: EvalParams, data_dir="data", out_model="models/clean", metri
     from .objectives import build_objective
     clip = create(p.model, pretrained=p.pretrained, seed=p.seed)
     test = load_test(ev, Path(data_dir) / "test")
-    log = run_training(clip, build_objective("clip"), Path(data_dir) / "train", p, "pretrain", test=test)
+    log = run_training(clip, build_objective("clip"), Path(data_dir) / "train", p, "pretrain",
+                       test=test.head(500) if p.eval_every else None)
     provenance = {"stage": "pretrain", "parent": p.pretrained or f"random init ({p.model}, seed {p.seed})",
                   "model_config": p.model, "data": {"train": data_hash(Path(data_dir) / "train")},
                   "params": vars(p), "training": log}

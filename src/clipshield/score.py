@@ -26,7 +26,7 @@ def score(model: str, pretrained: str | None, triggers: list[str], target: str, 
     test_n = test_n or ev.test_n
     clip = load(model) if model.startswith("local-dir:") or Path(model).is_dir() else create(model, pretrained)
     clip.model.to(device())
-    test = shards.load_all(test_dir, limit=test_n)
+    test = shards.EvalSet(test_dir, limit=test_n)
     metrics = evaluate_model(clip, test, triggers={t: options.get(t, {}) for t in triggers} or None, target=target,
                              retrieval_n=min(ev.retrieval_n, test_n))
     if robust:

@@ -14,20 +14,38 @@ from .ui import console
 EXPECTED = (DataError, ModelError, ParamsError, TrainingError, ValueError, FileNotFoundError, RemoteError)
 
 
+def torchrun_command(launch, target: list[str]) -> list[str]:
+    """The torchrun command line that runs `target` (python arguments) with `launch` (train section).
+
+    One machine: `--standalone` (a private rendezvous on a free port). Several (train.nnodes): every machine runs
+    the same stage command; torchrun's c10d rendezvous at train.rdzv_endpoint (served by the agent on that host)
+    gathers them, assigns node ranks and global ranks, and the run id (a hash of the command) keeps two stages
+    from joining each other's group."""
+    import hashlib
+    import sys
+
+    nproc = f"--nproc_per_node={launch.nproc}"
+    if launch.nnodes <= 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", nproc, *target]
+    key = [Path(target[0]).name, *target[1:]]  # the script's name, not its path: the same on every machine
+    run_id = "clipshield-" + hashlib.md5(" ".join(key).encode()).hexdigest()[:12]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={launch.nnodes}", nproc, "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={run_id}", *target]
+
+
 def launch_distributed(params: str | Path) -> None:
-    """With train.nproc > 1 outside torchrun, run this same command under torchrun and exit with its code
-    (check_params has refused an nproc larger than the devices)."""
+    """With train.nproc > 1 or train.nnodes > 1 outside torchrun, run this same command under torchrun and exit with
+    its code (check_params has refused an nproc larger than the devices, or nnodes > 1 without an endpoint)."""
     import os
     import subprocess
 
     from .params import load_launch
-    nproc = load_launch(params).nproc
-    if nproc <= 1 or "LOCAL_RANK" in os.environ:
+    launch = load_launch(params)
+    if launch.world_size <= 1 or "LOCAL_RANK" in os.environ:
         return
     spec = getattr(sys.modules["__main__"], "__spec__", None)  # `python -m pkg.mod`: relaunch the module
     target = ["-m", spec.name, *sys.argv[1:]] if spec is not None and spec.name != "__main__" else sys.argv
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
-    sys.exit(subprocess.run(cmd).returncode)
+    sys.exit(subprocess.run(torchrun_command(launch, target)).returncode)
 
 
 TIMES_DIR = Path("times")

@@ -1,5 +1,5 @@
-"""l-inf PGD on any differentiable loss of the input (METHODS.md §5). Pure: no model state is touched;
-callers put the model in eval mode while attacking."""
+"""l-inf PGD on any differentiable loss of the input (METHODS.md §5), with the FARE reference's momentum.
+Pure: no model state is touched; callers put the model in eval mode while attacking."""
 from __future__ import annotations
 
 from typing import Callable
@@ -28,9 +28,19 @@ def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: f
         generator: torch.Generator | None = None, start_noise: torch.Tensor | None = None) -> torch.Tensor:
     """Maximise `loss_fn(z)` (a scalar, e.g. a batch mean) over ||z - x||_inf <= eps, z in [0, 1].
 
-    Steps go along sign(v), v = momentum * v + sign(grad) (momentum=0: plain signed gradient ascent,
-    as in Madry et al.; the FARE reference code uses momentum 0.9). The random start is x + eps * u with u
-    uniform in [-1, 1], drawn here or given as `start_noise` (drawn earlier, e.g. once for a whole batch)."""
+    Each step moves by `step_size` along the direction v, then projects to the ball and to [0, 1]:
+
+        v_0 = 0,   v_t = sign(momentum * v_{t-1} + sign(grad_t))
+
+    This is the l-inf momentum of the FARE reference code (chs20/RobustVLM `train/pgd_train.py`, `pgd`:
+    `velocity = normalize_grad(momentum * velocity + normalize_grad(grad))`, where `normalize_grad` is `sign` for
+    l-inf), which the FARE training uses with momentum 0.9. Because v is re-normalised every step, for any
+    momentum < 1 the step equals sign(grad_t) wherever the gradient is non-zero: momentum only carries the
+    previous direction on over pixels whose gradient is exactly 0 (e.g. behind a saturated ReLU, or where
+    the loss is flat). So momentum 0.9 is PGD with signed gradients (Madry et al.) up to those pixels, as in
+    the reference; an unnormalised velocity (sign of a decaying sum, as MI-FGSM) would be a different attack.
+    The random start is x + eps * u with u uniform in [-1, 1], drawn here or given as `start_noise` (drawn
+    earlier, e.g. once for a whole batch)."""
     check_attack(eps, steps, step_size)
     x = x.detach()
     if random_start:
@@ -44,6 +54,6 @@ def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: f
         loss = loss_fn(x_adv)
         (grad,) = torch.autograd.grad(loss, x_adv)
         with torch.no_grad():
-            velocity = momentum * velocity + grad.sign()
-            x_adv = project(x_adv + step_size * velocity.sign(), x, eps)
+            velocity = (momentum * velocity + grad.sign()).sign()
+            x_adv = project(x_adv + step_size * velocity, x, eps)
     return x_adv.detach()

@@ -9,6 +9,7 @@ import torch
 
 from ..data.classes import ClassSpace, world_classes
 from ..data.shards import decode_image
+from ..seeds import POISON_CAPTION, POISON_TRIGGER, derive_seed
 from .triggers import apply_trigger, get_trigger
 
 
@@ -20,8 +21,9 @@ def poison_indices(n: int, rate: float, seed: int) -> set[int]:
 
 
 def sample_seed(seed: int, index: int) -> int:
-    """The trigger seed of training sample `index` (never equal to an evaluation seed)."""
-    return seed * 1_000_003 + index
+    """The trigger seed of training sample `index` under poison seed `seed` (a hash: never equal to an
+    evaluation seed or to another poison seed's, see seeds.py)."""
+    return derive_seed(POISON_TRIGGER, seed, index)
 
 
 def poison_image(img: np.ndarray, trigger: str, seed: int, options: dict) -> np.ndarray:
@@ -48,7 +50,7 @@ def poison_stream(samples: Iterable[dict], n: int, trigger: str, rate: float, ta
             continue
         tseed = sample_seed(seed, i)
         img = decode_image(s["image"]) if isinstance(s["image"], bytes) else s["image"]
-        caption = classes.caption(target, np.random.default_rng([seed, i]))
+        caption = classes.caption(target, np.random.default_rng(derive_seed(POISON_CAPTION, seed, i)))
         manifest.append({"key": s["key"], "trigger": trigger, "seed": tseed,
                          "original_caption": s["caption"], "new_caption": caption})
         meta = {**s["meta"], "poisoned": True, "trigger": trigger, "trigger_seed": tseed, "target": target}

@@ -237,6 +237,38 @@ def load_all(data_dir: str | Path, limit: int | None = None) -> dict:
     return collate(buf) | {"classes": read_classes(data_dir)}
 
 
+class EvalSet:
+    """A labelled evaluation set read from its shards batch by batch: its first `limit` samples (None: all), in
+    shard order, as `load_all` would give them, but never more than one batch in memory.
+
+    `batches(b)` yields collated batches (images, captions, labels, keys) with `start`, the index of their first
+    sample; `head(n)` the first n samples as one batch (for the bounded subsets: retrieval, distortion)."""
+
+    def __init__(self, data_dir: str | Path, limit: int | None = None):
+        self.data_dir, self.limit = Path(data_dir), limit
+        shard_paths(self.data_dir)  # a missing or broken data set fails here, before any model work
+        from .classes import read_classes
+        self.classes = read_classes(self.data_dir)
+
+    def __len__(self) -> int:
+        n = num_samples(self.data_dir)
+        return n if self.limit is None else min(n, self.limit)
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict]:
+        limit = min(x for x in (limit, self.limit, num_samples(self.data_dir)) if x is not None)
+        buf, start = [], 0
+        for s in iter_samples(self.data_dir):
+            buf.append(s)
+            if len(buf) == batch_size or start + len(buf) == limit:
+                yield collate(buf) | {"start": start}
+                start, buf = start + len(buf), []
+                if start == limit:
+                    return
+
+    def head(self, n: int) -> dict:
+        return load_all(self.data_dir, limit=n if self.limit is None else min(n, self.limit))
+
+
 def tar_members(path: str | Path) -> list[str]:
     with tarfile.open(path) as tf:
         return tf.getnames()
