@@ -63,3 +63,15 @@ def test_time_table_in_pipeline_order_with_total(tmp_path):
     assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:]] == [
         "data", "pretrain", "clean@blended-par-0", "harden@fare-clean", "report", "**total**"]
     assert lines[-1] == "| **total** | **455** | **7.6** |"
+
+
+def test_a_robust_run_belongs_to_its_start_models_trigger_not_a_prefix_of_it(metrics):
+    runs = {"fare-par-blended_stripes-s0": {"method": "fare", "start": "par-blended_stripes-s0"},
+            "fare-backdoor-blended-s0": {"method": "fare", "start": "backdoor-blended-s0"},
+            "fare-clean": {"method": "fare", "start": "clean"}}
+    for run in runs:
+        (metrics / f"{run}.json").write_text(json.dumps({"zeroshot_top1": 0.8}))
+    rows = {r["model"]: r for r in collect(metrics, ["blended", "blended_stripes"], runs)}
+    assert rows["fare-par-blended_stripes-s0"]["trigger"] == "blended_stripes"
+    assert rows["fare-backdoor-blended-s0"]["trigger"] == "blended"
+    assert rows["fare-clean"]["trigger"] == "-"

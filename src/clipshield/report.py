@@ -53,7 +53,8 @@ def collect(metrics_dir: Path, triggers: list[str], runs: dict | None = None) ->
         if f.exists():
             group, seed = _seed(run)
             start = spec.get("start", "")
-            trigger = next((t for t in triggers if f"-{t}" in f"-{start}"), "-")
+            start_trigger = _seed(start)[0].partition("-")[2]  # <kind>-<trigger>-s<seed>; "clean" has none
+            trigger = start_trigger if start_trigger in triggers else "-"
             rows.append({**json.loads(f.read_text()), "model": run, "group": group, "trigger": trigger,
                          "method": spec.get("method"), "start": start, "seed": seed})
     return rows
