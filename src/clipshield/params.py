@@ -142,7 +142,8 @@ def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") 
     merged = deep_merge(read_yaml(params_path), override)
     if "runs" in (override.get("harden") or {}):  # a profile's harden runs are the whole list, not additions
         merged["harden"]["runs"] = override["harden"]["runs"]
-    problems = [p for p in validate(merged) if not p.startswith("train.nproc = ")]  # devices: where it runs
+    before = set(validate(read_yaml(params_path)))  # only what the profile brings in (devices: where it runs)
+    problems = [p for p in validate(merged) if p not in before and not p.startswith("train.nproc = ")]
     if problems:
         raise ParamsError(f"profile {profile} would make {len(problems)} problem(s), so {params_path} was left as it "
                           f"was; fix the profile: " + "; ".join(problems))
@@ -243,6 +244,7 @@ class EvalParams:
 class CleanParams(TrainParams):
     data: str = "data/synth"
     methods: list[str] = dataclasses.field(default_factory=lambda: ["finetune", "cleanclip", "par"])
+    allow_poisoned: bool = False      # true: clean on data that holds poisoned samples, on purpose (kept in provenance)
 
 
 def objective_options(name: str, options: dict) -> dict:

@@ -75,7 +75,8 @@ class RobustParams:
 
 def robust_accuracies(clip: Clip, test: dict, rp: RobustParams) -> dict:
     """robust_top1_eps<E> for every eps of `rp` (1/255 units), on the first `rp.n` test images."""
-    images, labels = test["images"][:rp.n], test["labels"][:rp.n]
+    from .evaluation import to_model_size
+    images, labels = to_model_size(clip, test["images"][:rp.n]), test["labels"][:rp.n]  # attacked at the model's size
     return {f"robust_top1_eps{e:g}".replace(".", "_"):
             robust_accuracy(clip, images, labels, e / 255, rp.steps, classes=test.get("classes"))["robust_top1"]
             for e in rp.eps}

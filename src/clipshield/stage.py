@@ -1,14 +1,17 @@
 """Run a stage's work; known failures become one clear line on stderr and exit code 1."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .data.shards import DataError
 from .models import ModelError
 from .params import ParamsError, check_params
 from .registry import RemoteError
-from .training import TrainingError
+from .training import Interrupted, TrainingError
 from .ui import console
 
 EXPECTED = (DataError, ModelError, ParamsError, TrainingError, ValueError, FileNotFoundError, RemoteError)
@@ -17,7 +20,6 @@ EXPECTED = (DataError, ModelError, ParamsError, TrainingError, ValueError, FileN
 def launch_distributed(params: str | Path) -> None:
     """With train.nproc > 1 outside torchrun, run this same command under torchrun and exit with its code
     (check_params has refused an nproc larger than the devices)."""
-    import os
     import subprocess
 
     from .params import load_launch
@@ -30,9 +32,34 @@ def launch_distributed(params: str | Path) -> None:
     sys.exit(subprocess.run(cmd).returncode)
 
 
+def _terminated(signum, frame):
+    raise Interrupted("terminated (SIGTERM)")
+
+
+def interruption_message(e: KeyboardInterrupt) -> str:
+    """One true line on what an interrupted stage kept and what rerunning it does."""
+    how, note, rerun = (e.how, e.note, e.rerun) if isinstance(e, Interrupted) else ("interrupted", "", "")
+    kept = ("no model, metrics or data set was written (each is written whole at its end; half-written data sets were removed)")
+    if os.environ.get("DVC_STAGE"):  # dvc repro removes a stage's outputs before it runs it
+        kept += f"; `dvc repro` had already removed the outputs of stage {os.environ['DVC_STAGE']} before it ran"
+    else:
+        kept += " and the outputs from before are unchanged"
+    return f"{how}: " + "; ".join(x for x in (note, kept, rerun or "rerunning the stage starts it over") if x)
+
+
 def run(work, params: str | Path | None = "params.yaml", distributed: bool = False) -> None:
     """Validate the whole params file (every problem at once), then do `work` (a training stage with
-    `distributed`: under torchrun when train.nproc > 1)."""
+    `distributed`: under torchrun when train.nproc > 1). Ctrl-C and SIGTERM stop it the same way."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    try:
+        _run(work, params, distributed)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(work, params, distributed: bool) -> None:
     try:
         if params is not None and Path(params).exists():
             check_params(params)
@@ -43,6 +70,6 @@ def run(work, params: str | Path | None = "params.yaml", distributed: bool = Fal
         # One unwrapped line, no markup: messages quote params and lists verbatim.
         console.print(f"error: {e}", style="bold red", highlight=False, soft_wrap=True, markup=False)
         sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted:[/] no output was replaced (outputs are written atomically)")
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        console.print(interruption_message(e), style="bold red", highlight=False, soft_wrap=True, markup=False)
+        sys.exit(143 if "SIGTERM" in getattr(e, "how", "") else 130)
