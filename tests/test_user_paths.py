@@ -400,6 +400,18 @@ def test_an_image_size_the_model_does_not_take_is_refused(params):
                         "data.image_size: 32 (or choose a model configured for 64 px)"]
 
 
+def test_training_on_images_the_model_does_not_take_is_refused_before_it_starts(tmp_path):
+    from clipshield.params import TrainParams
+    from clipshield.pipeline import run_training
+    data = world_set(tmp_path / "data", 16, size=24, seed=0, prefix="train")
+    with pytest.raises(DataError) as e:
+        run_training(models.create("smoke-vit", seed=0), None, data, TrainParams(steps=2, batch_size=8, lr=1e-3),
+                     "run", log_dir=tmp_path / "logs")
+    assert str(e.value) == (f"{data} holds 24x24 px images but the model (smoke-vit) takes 32 px; make the data at 32 px "
+                            f"(data.image_size or synth.image_size: 32) or train a model configured for 24 px")
+    assert not (tmp_path / "logs").exists()
+
+
 def test_a_poison_rate_that_poisons_nothing_is_refused(project):
     world_set(project / "data/train", 20, seed=0, prefix="train")
     edit_params(project / "params.yaml", lambda p: p["poison"].update(rate=0))

@@ -107,6 +107,16 @@ def weights_digest(clip: Clip) -> str:
     return h.hexdigest()
 
 
+def check_image_size(clip: Clip, data_dir: str | Path) -> None:
+    """Refuse training on images of another size than the model's input (its saved config would not say so)."""
+    first = next(shards.iter_samples(data_dir))
+    h, w = first["image"].shape[:2]
+    if (h, w) != (clip.image_size, clip.image_size):
+        raise shards.DataError(f"{data_dir} holds {w}x{h} px images but the model ({clip.name}) takes {clip.image_size} px; make the "
+                               f"data at {clip.image_size} px (data.image_size or synth.image_size: {clip.image_size}) "
+                               f"or train a model configured for {h} px")
+
+
 def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, name: str,
                  test: dict | None = None, log_dir: str | Path = "dvclive",
                  checkpoint_dir: str | Path = "checkpoints") -> dict:
@@ -116,6 +126,7 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
     killed resumes from there when the stage is re-run with the same params, data and start model."""
     from .distributed import init_from_env
     from .params import load_launch
+    check_image_size(clip, train_dir)
     init_from_env()
     launch = load_launch()
     on_gpu = device().type == "cuda"
