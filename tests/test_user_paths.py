@@ -311,8 +311,8 @@ def test_ctrl_c_in_training_says_what_was_kept_and_where_the_rerun_resumes(tmp_p
     monkeypatch.delenv("DVC_STAGE", raising=False)
     line = interrupted_training(tmp_path, capsys, every=3)
     logs = tmp_path / "logs"
-    assert line == (f"interrupted: run stopped at step 7 of 20; {logs}/run.jsonl was left as it was (this run's log so "
-                    f"far: {logs}/run.jsonl.partial); no model, metrics or data set was written (each is written whole "
+    assert line == (f"interrupted: run stopped at step 7 of 20; {logs}/run.jsonl was left as it was; this run's log so "
+                    f"far is in {logs}/run.jsonl.partial; no model, metrics or data set was written (each is written whole "
                     f"at its end; half-written data sets were removed) and the outputs from before are unchanged; "
                     f"rerunning the stage resumes from checkpoint step 6 ({tmp_path}/ckpt/run.pt)")
 

@@ -333,7 +333,8 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
                     saved = done
                 advance(loss=float(loss.detach()))
     except KeyboardInterrupt as e:
-        kept = (f"; {log_file} was left as it was (this run's log so far: {partial_log})" if partial_log else "")
+        kept = "" if not partial_log else (f"; {log_file} was left as it was" if Path(log_file).exists() else "") + \
+            f"; this run's log so far is in {partial_log}"
         rerun = (f"rerunning the stage resumes from checkpoint step {saved} ({checkpoint.path})" if checkpoint and saved
                  else "rerunning the stage starts training over" + (f" (a checkpoint is written every {checkpoint.every} "
                                                                    f"steps)" if checkpoint and checkpoint.every else ""))

@@ -208,7 +208,8 @@ def decode_sample_image(data: bytes, where: str, fix: str) -> np.ndarray:
     try:
         return decode_image(data)
     except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated or broken file
-        raise DataError(f"{where}: its image is not a readable PNG or JPEG ({e}); {fix}") from e
+        why = "not an image format PIL knows" if "cannot identify image file" in str(e) else str(e)
+        raise DataError(f"{where}: its image is not a readable PNG or JPEG ({why}); {fix}") from e
 
 
 def collate(samples: list[dict]) -> dict:
