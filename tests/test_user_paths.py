@@ -312,9 +312,9 @@ def test_ctrl_c_in_training_says_what_was_kept_and_where_the_rerun_resumes(tmp_p
     line = interrupted_training(tmp_path, capsys, every=3)
     logs = tmp_path / "logs"
     assert line == (f"interrupted: run stopped at step 7 of 20; {logs}/run.jsonl was left as it was; this run's log so "
-                    f"far is in {logs}/run.jsonl.partial; no model, metrics or data set was written (each is written whole "
-                    f"at its end; half-written data sets were removed) and the outputs from before are unchanged; "
-                    f"rerunning the stage resumes from checkpoint step 6 ({tmp_path}/ckpt/run.pt)")
+                    f"far is in {logs}/run.jsonl.partial; no model, metrics or data set was written (each output is "
+                    f"written whole at its end; half-written data sets were removed) and the outputs from before are "
+                    f"unchanged; rerunning the stage with the same params and data resumes from checkpoint step 6 ({tmp_path}/ckpt/run.pt)")
 
 
 def test_ctrl_c_under_dvc_repro_says_dvc_removed_the_outputs(tmp_path, capsys, monkeypatch):
@@ -325,20 +325,34 @@ def test_ctrl_c_under_dvc_repro_says_dvc_removed_the_outputs(tmp_path, capsys, m
     assert line.endswith("rerunning the stage starts training over")
 
 
+def test_an_interrupted_stage_names_the_outputs_it_had_already_written(project, capsys):
+    from clipshield.stage import run
+
+    def work():
+        world_set(Path("data/test"), 4)
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit):
+        run(work, params=None)
+    assert one_line(capsys.readouterr().err) == (
+        "interrupted: already written: data/test; nothing else was written (each output is written whole at its end; "
+        "half-written data sets were removed) and the other outputs from before are unchanged; rerunning the stage "
+        "starts it over")
+
+
 def test_sigterm_is_handled_like_ctrl_c(project):
-    edit_params(project / "params.yaml", lambda p: p["data"].update(train_n=10 ** 6, per_shard=50))
+    edit_params(project / "params.yaml", lambda p: p["data"].update(train_n=10 ** 6, test_n=20, per_shard=50))
     proc = subprocess.Popen([sys.executable, "-m", "clipshield.cli", "data"], cwd=project, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "400"})
     deadline = time.time() + 60
-    while not list((project / "data").glob("*.partial/*.tar")) and proc.poll() is None and time.time() < deadline:
+    while not list((project / "data").glob("train.partial/*.tar")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143
     assert [line for line in err.splitlines() if line.startswith("terminated")] == [
-        "terminated (SIGTERM): no model, metrics or data set was written (each is written whole at its end; half-written "
-        "data sets were removed) and the outputs from before are unchanged; rerunning the stage starts it over"]
+        "terminated (SIGTERM): no model, metrics or data set was written (each output is written whole at its end; "
+        "half-written data sets were removed) and the outputs from before are unchanged; rerunning the stage starts it over"]
     assert not list((project / "data").iterdir())  # no data/train.partial left behind
 
 

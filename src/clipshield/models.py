@@ -149,6 +149,8 @@ def save(clip: Clip, out_dir: str | Path, provenance: dict) -> Path:
     (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+    from .ui import wrote
+    wrote(out_dir)
     return out_dir
 
 

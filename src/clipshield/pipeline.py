@@ -21,7 +21,7 @@ from .evaluation import evaluate_model, zeroshot_accuracy
 from .models import Clip, create, frozen_copy, load, save
 from .params import DataParams, EvalParams, TrainParams
 from .training import Checkpoint, TrainConfig, TrainingError, train
-from .ui import console, progress_bar, summary
+from .ui import console, progress_bar, summary, wrote
 
 
 def device() -> torch.device:
@@ -49,6 +49,7 @@ def write_metrics(path: str | Path, metrics: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: round(v, 4) if isinstance(v, float) else v for k, v in sorted(metrics.items())}
     path.write_text(json.dumps(flat, indent=1) + "\n")
+    wrote(path)
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -307,6 +308,7 @@ def check_clean_source(data_dir: str | Path, allow_poisoned: bool, poisoned_root
     if evidence:
         console.print(f"[yellow]warning:[/] clean.allow_poisoned is true and {data_dir} holds poisoned samples: {evidence}")
     return evidence
+
 
 def clean(trigger: str, method: str, seed: int = 0, params_path="params.yaml") -> dict:
     """Clean models/backdoor-<trigger>-s<seed> with `method` (training seed `seed`) on synthetic pairs only

@@ -12,7 +12,7 @@ from .models import ModelError
 from .params import ParamsError, check_params
 from .registry import RemoteError
 from .training import Interrupted, TrainingError
-from .ui import console
+from .ui import console, written
 
 EXPECTED = (DataError, ModelError, ParamsError, TrainingError, ValueError, FileNotFoundError, RemoteError)
 
@@ -39,11 +39,13 @@ def _terminated(signum, frame):
 def interruption_message(e: KeyboardInterrupt) -> str:
     """One true line on what an interrupted stage kept and what rerunning it does."""
     how, note, rerun = (e.how, e.note, e.rerun) if isinstance(e, Interrupted) else ("interrupted", "", "")
-    kept = ("no model, metrics or data set was written (each is written whole at its end; half-written data sets were removed)")
+    whole = "each output is written whole at its end; half-written data sets were removed"
+    kept = (f"already written: {', '.join(written)}; nothing else was written ({whole})" if written else
+            f"no model, metrics or data set was written ({whole})")
     if os.environ.get("DVC_STAGE"):  # dvc repro removes a stage's outputs before it runs it
         kept += f"; `dvc repro` had already removed the outputs of stage {os.environ['DVC_STAGE']} before it ran"
     else:
-        kept += " and the outputs from before are unchanged"
+        kept += f" and the {'other ' if written else ''}outputs from before are unchanged"
     return f"{how}: " + "; ".join(x for x in (note, kept, rerun or "rerunning the stage starts it over") if x)
 
 
@@ -52,6 +54,7 @@ def run(work, params: str | Path | None = "params.yaml", distributed: bool = Fal
     `distributed`: under torchrun when train.nproc > 1). Ctrl-C and SIGTERM stop it the same way."""
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    written.clear()
     try:
         _run(work, params, distributed)
     finally:

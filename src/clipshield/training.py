@@ -333,9 +333,12 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
                     saved = done
                 advance(loss=float(loss.detach()))
     except KeyboardInterrupt as e:
-        kept = "" if not partial_log else (f"; {log_file} was left as it was" if Path(log_file).exists() else "") + \
-            f"; this run's log so far is in {partial_log}"
-        rerun = (f"rerunning the stage resumes from checkpoint step {saved} ({checkpoint.path})" if checkpoint and saved
+        kept = ""
+        if partial_log:  # a log that dvc repro removed before the run is not called unchanged
+            kept = (f"; {log_file} was left as it was" if Path(log_file).exists() else "") + \
+                f"; this run's log so far is in {partial_log}"
+        rerun = (f"rerunning the stage with the same params and data resumes from checkpoint step {saved} "
+                 f"({checkpoint.path})" if checkpoint and saved
                  else "rerunning the stage starts training over" + (f" (a checkpoint is written every {checkpoint.every} "
                                                                    f"steps)" if checkpoint and checkpoint.every else ""))
         raise Interrupted(getattr(e, "how", "interrupted"), f"{description} stopped at step {step} of {cfg.steps}{kept}",

@@ -8,6 +8,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 console = Console(stderr=True)
+written: list[str] = []  # outputs this process has completed (an interrupted stage names them)
+
+
+def wrote(path) -> None:
+    written.append(str(path))
 
 
 @contextmanager

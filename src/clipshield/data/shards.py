@@ -110,6 +110,8 @@ def write_shards(samples: Iterable[tuple[str, np.ndarray, str, dict]], out_dir: 
         raise
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+    from ..ui import wrote
+    wrote(out_dir)
     return sizes
 
 
