@@ -391,6 +391,9 @@ def test_a_profile_with_a_bad_value_leaves_params_yaml_as_it_was(project):
 
 def test_a_profile_keeps_the_comments_of_params_yaml(project):
     before = (project / "params.yaml").read_text()
+    (project / "profiles/nothing.yaml").write_text("{}\n")
+    assert runner.invoke(app, ["profile", "nothing"]).exit_code == 0
+    assert (project / "params.yaml").read_text() == before  # byte for byte
     assert runner.invoke(app, ["profile", "smoke"]).exit_code == 0
     after = (project / "params.yaml").read_text()
     comments = lambda text: [line.split("#", 1)[1] for line in text.splitlines() if "#" in line]
