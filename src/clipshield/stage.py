@@ -29,7 +29,13 @@ def launch_distributed(params: str | Path) -> None:
     spec = getattr(sys.modules["__main__"], "__spec__", None)  # `python -m pkg.mod`: relaunch the module
     target = ["-m", spec.name, *sys.argv[1:]] if spec is not None and spec.name != "__main__" else sys.argv
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
-    sys.exit(subprocess.run(cmd).returncode)
+    proc = subprocess.Popen(cmd)
+    while True:  # the ranks report an interruption themselves; SIGTERM is passed on to torchrun (Ctrl-C reaches it)
+        try:
+            sys.exit(proc.wait())
+        except KeyboardInterrupt as e:
+            if "SIGTERM" in getattr(e, "how", ""):
+                proc.send_signal(signal.SIGTERM)
 
 
 def _terminated(signum, frame):
@@ -74,5 +80,6 @@ def _run(work, params, distributed: bool) -> None:
         console.print(f"error: {e}", style="bold red", highlight=False, soft_wrap=True, markup=False)
         sys.exit(1)
     except KeyboardInterrupt as e:
-        console.print(interruption_message(e), style="bold red", highlight=False, soft_wrap=True, markup=False)
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun rank 0 speaks for all (it keeps the checkpoint)
+            console.print(interruption_message(e), style="bold red", highlight=False, soft_wrap=True, markup=False)
         sys.exit(143 if "SIGTERM" in getattr(e, "how", "") else 130)
