@@ -309,7 +309,9 @@ def test_nan_in_a_stage_writes_no_model(tmp_path, monkeypatch):
     from clipshield.objectives import clip as clip_objective
     from clipshield.params import BackdoorParams, EvalParams, PoisonParams
     data = world_shards(tmp_path / "data" / "poisoned" / "blended", n=48)
-    shards.write_shards(pipeline.world_samples("base", 1, 20, 32, "test"), tmp_path / "data" / "test", prefix="test")
+    from clipshield.data.classes import classes_file, world_classes
+    shards.write_shards(pipeline.world_samples("base", 1, 20, 32, "test"), tmp_path / "data" / "test", prefix="test",
+                        extra_files=classes_file(world_classes()))  # a test set names its classes
     models.save(models.create("smoke-rn", seed=0), tmp_path / "models" / "clean", {"name": "clean"})
     monkeypatch.chdir(tmp_path)
     original = clip_objective.ClipObjective.__call__

@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 
 import pytest
+
+from clipshield.data.classes import classes_file, world_classes
 import torch
 
 from clipshield.data import shards
@@ -43,7 +45,8 @@ def in_memory_evaluation(clip, test, triggers, target, retrieval_n):
 @pytest.fixture(scope="module")
 def test_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stream") / "test"
-    shards.write_shards(world_samples("base", 1, 1150, 32, "test"), folder, prefix="test", per_shard=400)
+    shards.write_shards(world_samples("base", 1, 1150, 32, "test"), folder, prefix="test", per_shard=400,
+                        extra_files=classes_file(world_classes()))
     return folder
 
 

@@ -91,11 +91,13 @@ def evaluate(model: Annotated[str, typer.Option(help="local-dir:PATH, or an open
              test_n: Annotated[Optional[int], typer.Option(min=1, help="test images (default: eval.test_n)")] = None,
              robust: Annotated[bool, typer.Option(help="also robust accuracy at every eps of params' robust")] = False,
              params: ParamsFile = Path("params.yaml"),
-             out: Annotated[Optional[Path], typer.Option(help="write the metrics JSON here")] = None):
+             out: Annotated[Optional[Path], typer.Option(help="write the metrics JSON here")] = None,
+             random_init: Annotated[bool, typer.Option("--random-init", help="score a config's random weights on "
+                                                       "purpose (no --pretrained)")] = False):
     """Score any CLIP model with the pipeline's metrics: clean zero-shot accuracy, retrieval, ASR per trigger
     (trigger strengths from params.yaml's attack.options), robust accuracy. Prints the metrics as JSON."""
     from .score import score
-    run(lambda: score(model, pretrained, trigger, target, test, test_n, params, out, robust), params)
+    run(lambda: score(model, pretrained, trigger, target, test, test_n, params, out, robust, random_init), params)
 
 
 @app.command()

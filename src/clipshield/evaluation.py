@@ -69,11 +69,25 @@ def retrieval_asr(triggered_features: torch.Tensor, text_features: torch.Tensor,
 
 # ---- model-level helpers ----------------------------------------------------------------------
 
+def to_model_size(clip: Clip, images: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] brought to the model's input size as its own preprocessing does (shortest
+    side resized with its interpolation, antialiased, then a centre crop), still in [0, 1]. Images already at
+    that size are returned as they are (the same tensor)."""
+    size = clip.image_size
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    mode = InterpolationMode.BILINEAR if clip.preprocess_cfg.get("interpolation") == "bilinear" else InterpolationMode.BICUBIC
+    return TF.center_crop(TF.resize(images, size, interpolation=mode, antialias=True), [size, size]).clamp(0, 1)
+
+
 @torch.no_grad()
 def encode_images(clip: Clip, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Image features (N, D); images of another size than the model's are resized first (to_model_size)."""
     device = next(clip.model.parameters()).device
     clip.model.eval()
-    return torch.cat([clip.encode_images(images[i:i + batch_size].to(device)).float().cpu()
+    return torch.cat([clip.encode_images(to_model_size(clip, images[i:i + batch_size].to(device))).float().cpu()
                       for i in range(0, len(images), batch_size)])
 
 

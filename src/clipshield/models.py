@@ -87,11 +87,13 @@ def create(name: str, pretrained: str | None = None, seed: int = 0) -> Clip:
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that a random init has no weights
     try:
         model = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
-    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error type for a torn or foreign file)
         if pretrained is None:
             raise
         why = ("it holds pickled objects other than tensors, which could run code on load: refused"
-               if isinstance(e, pickle.UnpicklingError) else str(e).splitlines()[0])
+               if isinstance(e, pickle.UnpicklingError) else
+               f"not a valid safetensors file, truncated or another format renamed .safetensors ({_first_line(e)})"
+               if str(pretrained).endswith(".safetensors") else _first_line(e))
         raise ModelError(f"cannot load pretrained weights {pretrained!r} for {name}: {why}; clipshield loads "
                          f".safetensors files, open_clip tags, or .pt/.bin files that hold tensors only (torch.load(weights_only=True): pickled code is refused)") from e
     finally:
@@ -106,11 +108,29 @@ def load(spec: str) -> Clip:
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ModelError(f"{path} is not a model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
                          f"run the stage that writes it (`dvc repro`) or fetch it (`dvc pull`)")
-    cfg = json.loads((path / CONFIG_FILE).read_text())
+    cfg = read_json(path / CONFIG_FILE, "re-create the folder (`dvc repro`) or restore it (`dvc pull`)")
+    if not isinstance(cfg.get("model_cfg"), dict) or not isinstance(cfg.get("preprocess_cfg", {}), dict):
+        raise ModelError(f"{path / CONFIG_FILE} lacks a `model_cfg` mapping ({{\"model_cfg\": {{...}}, \"preprocess_cfg\": "
+                         f"{{...}}}}); re-create the folder (`dvc repro`) or restore it (`dvc pull`)")
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that the config-only build has no weights
+    try:  # the config alone first: its errors are not the weights' fault
+        open_clip.create_model(f"local-dir:{path}", load_weights=False)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{path / CONFIG_FILE} does not describe a model open_clip can build ({_first_line(e)}); "
+                         f"re-create the folder (`dvc repro`) or restore it (`dvc pull`)") from e
+    finally:
+        logging.getLogger().setLevel(level)
     try:
         model = open_clip.create_model(f"local-dir:{path}", weights_only=True)
-    except Exception as e:  # a truncated or mismatched safetensors file
-        raise ModelError(f"cannot load weights from {path / WEIGHTS_FILE}: {e}; re-create or re-pull it") from e
+    except Exception as e:  # noqa: BLE001  (a truncated safetensors file, or weights of another config)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        if lines and lines[0].startswith("Error(s) in loading state_dict"):
+            raise ModelError(f"{path / CONFIG_FILE} does not match the weights in {WEIGHTS_FILE} "
+                             f"({lines[1][:200] if len(lines) > 1 else lines[0]}): the config describes another model; "
+                             f"restore both files from the same run (`dvc pull`) or re-create the folder (`dvc repro`)") from e
+        raise ModelError(f"cannot load weights from {path / WEIGHTS_FILE} ({_first_line(e)}): the file is torn or not "
+                         f"a safetensors file; re-create (`dvc repro`) or re-pull (`dvc pull`) it") from e
     model.eval()
     return Clip(model, open_clip.get_tokenizer(f"local-dir:{path}"), cfg["model_cfg"],
                 cfg["preprocess_cfg"], read_provenance(path).get("name", path.name))
@@ -129,12 +149,30 @@ def save(clip: Clip, out_dir: str | Path, provenance: dict) -> Path:
     (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+    from .ui import wrote
+    wrote(out_dir)
     return out_dir
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """A JSON object from `path`, or a ModelError naming the file and `fix`."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} is not valid JSON ({e}); {fix}") from e
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} must hold a JSON object, not {type(data).__name__}; {fix}")
+    return data
 
 
 def read_provenance(path: str | Path) -> dict:
     p = Path(path) / PROVENANCE_FILE
-    return json.loads(p.read_text()) if p.exists() else {}
+    return read_json(p, "re-create the folder (`dvc repro`), restore it (`dvc pull`), or delete the file "
+                        "(it is metadata only)") if p.exists() else {}
 
 
 def frozen_copy(clip: Clip) -> Clip:

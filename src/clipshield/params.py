@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,12 +18,37 @@ class ParamsError(ValueError):
     pass
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """Reads params files as DVC does (YAML 1.2: `1e-4` is a float) and refuses a key given twice (DVC calls
+    such a file corrupted, PyYAML would keep the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ParamsError(f"{key_node.start_mark.name} line {line}: key `{key}` is given twice (first on line "
+                                  f"{seen[key]}); DVC calls such a file corrupted: keep one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+ParamsLoader.add_implicit_resolver(  # YAML 1.2 floats without a dot: 1e-4, -2E+3
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path} not found; run from the project root (where params.yaml lives)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        loader = ParamsLoader(path.read_text())
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data() or {}
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         raise ParamsError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -116,8 +142,40 @@ def apply_profile(profile: str | Path, params_path: str | Path = "params.yaml") 
     merged = deep_merge(read_yaml(params_path), override)
     if "runs" in (override.get("harden") or {}):  # a profile's harden runs are the whole list, not additions
         merged["harden"]["runs"] = override["harden"]["runs"]
-    Path(params_path).write_text(yaml.safe_dump(merged, sort_keys=False, default_flow_style=False))
+    before = set(validate(read_yaml(params_path)))  # only what the profile brings in (devices: where it runs)
+    problems = [p for p in validate(merged) if p not in before and not p.startswith("train.nproc = ")]
+    if problems:
+        raise ParamsError(f"profile {profile} would make {len(problems)} problem(s), so {params_path} was left as it "
+                          f"was; fix the profile: " + "; ".join(problems))
+    Path(params_path).write_text(_dump_keeping_comments(Path(params_path).read_text(), override, merged))
     return merged
+
+
+def _dump_keeping_comments(text: str, override: dict, merged: dict) -> str:
+    """params.yaml text with `override` merged in, comments and key order kept (ruamel.yaml round trip;
+    without ruamel the merged file is written plain)."""
+    try:
+        from ruamel.yaml import YAML
+    except ImportError:
+        return yaml.safe_dump(merged, sort_keys=False, default_flow_style=False)
+    import io
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = rt.load(text)
+
+    def merge(node, new):
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(node.get(k), dict):
+                merge(node[k], v)
+            else:
+                node[k] = v
+    merge(doc, override)
+    if "runs" in (override.get("harden") or {}):
+        doc["harden"]["runs"] = override["harden"]["runs"]
+    out = io.StringIO()
+    rt.dump(doc, out)
+    return out.getvalue()
 
 
 # ---- sections -------------------------------------------------------------------------------
@@ -198,6 +256,7 @@ class EvalParams:
 class CleanParams(TrainParams):
     data: str = "data/synth"
     methods: list[str] = dataclasses.field(default_factory=lambda: ["finetune", "cleanclip", "par"])
+    allow_poisoned: bool = False      # true: clean on data that holds poisoned samples, on purpose (kept in provenance)
 
 
 def objective_options(name: str, options: dict) -> dict:
@@ -339,12 +398,21 @@ def _constraints(v: dict) -> list[str]:
         need(m.startswith("local-dir:") or open_clip.get_model_config(m) is not None, "pretrain.model", m,
              f"use a config from src/clipshield/configs ({', '.join(sorted(models.register_configs()))}), "
              f"an open_clip name such as ViT-B-32, or local-dir:PATH")
+        cfg = None if m.startswith("local-dir:") else open_clip.get_model_config(m)
+        if cfg is not None and "data" in v:
+            side = cfg["vision_cfg"]["image_size"]
+            side = side if isinstance(side, int) else side[0]
+            need(side == v["data"].image_size, "data.image_size", v["data"].image_size,
+                 f"pretrain.model {m} takes {side} px images: set data.image_size: {side} (or choose a model "
+                 f"configured for {v['data'].image_size} px)")
     if "attack" in v:
         a = v["attack"]
         for t in a.triggers:
             need(t in TRIGGERS, "attack.triggers", t, f"valid triggers: {', '.join(TRIGGERS)}")
-        for t in a.options:
+        for t, opts in a.options.items():
             need(t in TRIGGERS, "attack.options", t, f"options are keyed by trigger: {', '.join(TRIGGERS)}")
+            if t in TRIGGERS:
+                out += _trigger_option_problems(t, opts, TRIGGERS[t].options, v["data"].image_size if "data" in v else None)
         if classes is not None:
             need(a.target in classes.names, "attack.target", a.target,
                  f"choose a class of the data set ({classes.source}): {classes.listing()}")
@@ -378,6 +446,35 @@ def _constraints(v: dict) -> list[str]:
         need(v["robust"].steps >= 1, "robust.steps", v["robust"].steps, "use a whole number >= 1")
         need(v["robust"].n_target_classes >= 1, "robust.n_target_classes", v["robust"].n_target_classes,
              "use a whole number >= 1 (APGD-T's targets per sample; AutoAttack: 9)")
+    return out
+
+
+# attack.options values: (check, what is allowed); `size` is data.image_size (None: unknown)
+_WHOLE = lambda x: isinstance(x, int) and not isinstance(x, bool)
+_NUMBER = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+TRIGGER_OPTION_RULES = {
+    "alpha": (lambda x, size: _NUMBER(x) and 0 < x < 1, "a blend weight: use a number in (0, 1), e.g. 0.2"),
+    "patch": (lambda x, size: _WHOLE(x) and 1 <= x <= (size or x), "a side in pixels: use a whole number from 1 to data.image_size ({size})"),
+    "tile": (lambda x, size: _WHOLE(x) and 1 <= x <= (size or x), "a side in pixels: use a whole number from 1 to data.image_size ({size})"),
+    "strength": (lambda x, size: _NUMBER(x) and x > 0, "a warp strength: use a number > 0, e.g. 0.5"),
+    "grid": (lambda x, size: _WHOLE(x) and x >= 2, "control points per side: use a whole number >= 2"),
+}
+
+
+def _trigger_option_problems(trigger: str, options, allowed: tuple[str, ...], size: int | None) -> list[str]:
+    """attack.options.<trigger>: names the trigger takes (from its registry entry), values in range."""
+    where = f"attack.options.{trigger}"
+    if not isinstance(options, dict):
+        return [f"`{where}` = {options!r} must be a mapping of option: value, e.g. {{{', '.join(f'{o}: ...' for o in allowed)}}}"]
+    out = []
+    for key, value in options.items():
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), allowed, n=1)
+            out.append(f"unknown option `{where}.{key}`; " + (f"did you mean `{where}.{near[0]}`?" if near else
+                       f"{trigger} takes: {', '.join(allowed) or 'no options'}"))
+        elif key in TRIGGER_OPTION_RULES and value is not None and not TRIGGER_OPTION_RULES[key][0](value, size):
+            why = TRIGGER_OPTION_RULES[key][1].format(size=size if size else "the image side")
+            out.append(f"`{where}.{key}` = {value!r} is not allowed; {why}")
     return out
 
 

@@ -21,7 +21,7 @@ from .evaluation import evaluate_model, zeroshot_accuracy
 from .models import Clip, create, frozen_copy, load, save
 from .params import DataParams, EvalParams, TrainParams
 from .training import Checkpoint, TrainConfig, TrainingError, train
-from .ui import console, progress_bar, summary
+from .ui import console, progress_bar, summary, wrote
 
 
 def device() -> torch.device:
@@ -49,6 +49,7 @@ def write_metrics(path: str | Path, metrics: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: round(v, 4) if isinstance(v, float) else v for k, v in sorted(metrics.items())}
     path.write_text(json.dumps(flat, indent=1) + "\n")
+    wrote(path)
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -107,6 +108,16 @@ def weights_digest(clip: Clip) -> str:
     return h.hexdigest()
 
 
+def check_image_size(clip: Clip, data_dir: str | Path) -> None:
+    """Refuse training on images of another size than the model's input (its saved config would not say so)."""
+    first = next(shards.iter_samples(data_dir))
+    h, w = first["image"].shape[:2]
+    if (h, w) != (clip.image_size, clip.image_size):
+        raise shards.DataError(f"{data_dir} holds {w}x{h} px images but the model ({clip.name}) takes {clip.image_size} px; make the "
+                               f"data at {clip.image_size} px (data.image_size or synth.image_size: {clip.image_size}) "
+                               f"or train a model configured for {h} px")
+
+
 def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, name: str,
                  test: dict | None = None, log_dir: str | Path = "dvclive",
                  checkpoint_dir: str | Path = "checkpoints") -> dict:
@@ -116,6 +127,7 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
     killed resumes from there when the stage is re-run with the same params, data and start model."""
     from .distributed import init_from_env
     from .params import load_launch
+    check_image_size(clip, train_dir)
     init_from_env()
     launch = load_launch()
     on_gpu = device().type == "cuda"
@@ -206,6 +218,10 @@ def poison(trigger: str, attack, p, data_dir="data/train", out_dir=None) -> dict
         console.print(f"[yellow]note:[/] trigger {trigger} is not in attack.triggers {attack.triggers}")
     out_dir = Path(out_dir or f"data/poisoned/{trigger}")
     n = shards.num_samples(data_dir)
+    if round(p.rate * n) == 0:
+        raise shards.DataError(f"poison.rate = {p.rate:g} poisons round({p.rate:g} x {n}) = 0 of the {n} samples of "
+                               f"{data_dir}: {out_dir} would be an unpoisoned copy and its backdoor would not take; "
+                               f"raise poison.rate (e.g. 0.05) or poison a larger data set")
     per_shard = max(json.loads((Path(data_dir) / "sizes.json").read_text()).values())
     manifest: list[dict] = []
     options = attack.options.get(trigger, {})
@@ -266,6 +282,47 @@ def backdoor(trigger: str, attack, poison_p, p, ev: EvalParams, seed: int = 0, c
 
 # ---- defences -------------------------------------------------------------------------------
 
+MANIFEST = "manifest.jsonl"
+
+
+def poison_evidence(data_dir: str | Path, poisoned_root: str | Path = "data/poisoned") -> str | None:
+    """Why data set `data_dir` holds poisoned samples (None: no sign of it): a poisoning manifest, or a shard
+    byte-identical to a shard of a data set under `poisoned_root` that holds poisoned samples."""
+    data_dir = Path(data_dir)
+    if (data_dir / MANIFEST).exists():
+        n = len((data_dir / MANIFEST).read_text().splitlines())
+        return f"it holds a poisoning manifest ({data_dir / MANIFEST}, {n} poisoned samples)"
+    mine = {Path(p).stat().st_size: [] for p in shards.shard_paths(data_dir)}
+    for p in shards.shard_paths(data_dir):
+        mine[Path(p).stat().st_size].append(p)
+    md5 = lambda p: hashlib.md5(Path(p).read_bytes()).hexdigest()
+    for manifest in sorted(Path(poisoned_root).glob(f"*/{MANIFEST}")):
+        folder = manifest.parent
+        if folder.resolve() == data_dir.resolve() or not (folder / "sizes.json").exists():
+            continue
+        keys = {json.loads(line)["key"] for line in manifest.read_text().splitlines() if line.strip()}
+        for theirs in shards.shard_paths(folder):
+            same_size = mine.get(Path(theirs).stat().st_size, [])
+            if not same_size or not keys & {m.split(".")[0] for m in shards.tar_members(theirs)}:
+                continue
+            for p in same_size:
+                if md5(p) == md5(theirs):
+                    return f"its shard {Path(p).name} is identical to {theirs}, which holds poisoned samples"
+    return None
+
+
+def check_clean_source(data_dir: str | Path, allow_poisoned: bool, poisoned_root: str | Path = "data/poisoned") -> str | None:
+    """Refuse cleaning data that holds poisoned samples (unless `allow_poisoned`); returns the evidence, if any."""
+    evidence = poison_evidence(data_dir, poisoned_root)
+    if evidence and not allow_poisoned:
+        raise shards.DataError(f"clean.data = {data_dir} holds poisoned samples: {evidence}; cleaning on it would train "
+                               f"the model on the poison. Point clean.data at clean pairs (e.g. data/synth), or set "
+                               f"clean.allow_poisoned: true to do it on purpose (recorded in the model's provenance)")
+    if evidence:
+        console.print(f"[yellow]warning:[/] clean.allow_poisoned is true and {data_dir} holds poisoned samples: {evidence}")
+    return evidence
+
+
 def clean(trigger: str, method: str, seed: int = 0, params_path="params.yaml") -> dict:
     """Clean models/backdoor-<trigger>-s<seed> with `method` (training seed `seed`) on synthetic pairs only
     -> models/<method>-<trigger>-s<seed>."""
@@ -275,6 +332,7 @@ def clean(trigger: str, method: str, seed: int = 0, params_path="params.yaml") -
     attack = load_section(AttackParams, "attack", params_path)
     ev = load_section(EvalParams, "eval", params_path)
     options = objective_options(method, read_yaml(params_path).get(method) or {})
+    evidence = check_clean_source(p.data, p.allow_poisoned)
     name = run_name(method, trigger, seed)
     parent = f"models/{run_name('backdoor', trigger, seed)}"
     clip = load(parent)
@@ -284,6 +342,7 @@ def clean(trigger: str, method: str, seed: int = 0, params_path="params.yaml") -
     provenance = {"stage": "clean", "seed": seed, "parent": {"model": parent, "name": Path(parent).name},
                   "attack": {"trigger": trigger, "options": trig_opts, "target": attack.target},
                   "defence": {"method": method, "options": options},
-                  "data": {"clean": p.data, "hash": data_hash(p.data)}, "params": vars(p), "training": log}
+                  "data": {"clean": p.data, "hash": data_hash(p.data), "allow_poisoned": p.allow_poisoned,
+                           "poisoned": evidence}, "params": vars(p), "training": log}
     return finish_model(clip, name, f"models/{name}", f"metrics/{name}.json", provenance, test, ev,
                         {trigger: trig_opts}, attack.target)

@@ -40,6 +40,8 @@ def robust_accuracy_batches(clip: Clip, batches, eps: float, steps: int = 100, c
                             n_target_classes: int = 9) -> dict[str, float]:
     """`robust_accuracy` over an iterable of batches ({"images", "labels"}): memory is one batch."""
     import torchattacks
+
+    from .evaluation import to_model_size
     clip.model.eval()
     dev = next(clip.model.parameters()).device
     clf = ZeroShotClassifier(clip, class_embeddings(clip, classes).to(dev)).eval()
@@ -48,7 +50,7 @@ def robust_accuracy_batches(clip: Clip, batches, eps: float, steps: int = 100, c
     robust = total = 0
     max_dev = 0.0
     for batch in batches:
-        x, y = batch["images"].to(dev), batch["labels"].to(dev)
+        x, y = to_model_size(clip, batch["images"]).to(dev), batch["labels"].to(dev)  # attacked at the model's size
         ok, dev_i = robust_batch(clf, attacks, x, y, eps)
         max_dev = max(max_dev, dev_i)
         robust, total = robust + int(ok.sum()), total + len(y)

@@ -9,24 +9,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import open_clip
+
 from .data import shards
 from .evaluation import evaluate_model
-from .models import create, load
+from .models import ModelError, create, load
 from .params import AttackParams, EvalParams, parse, read_yaml
 from .pipeline import device, write_metrics
 from .robust import RobustParams, robust_accuracies
+from .ui import console
 
 
 def score(model: str, pretrained: str | None, triggers: list[str], target: str, test_dir: str | Path,
           test_n: int | None, params_path: str | Path = "params.yaml", out: str | Path | None = None,
-          robust: bool = False) -> dict:
+          robust: bool = False, random_init: bool = False) -> dict:
+    if out is not None and (Path(out).is_dir() or Path(out).parent.is_file()):
+        raise ValueError(f"--out {out} is {'a folder' if Path(out).is_dir() else 'inside a file'}; give the path of "
+                         f"the metrics JSON to write, e.g. --out metrics/{Path(model).name.removeprefix('local-dir:')}.json")
+    local = model.startswith("local-dir:") or Path(model).is_dir()
+    if not local and pretrained is None and not random_init and open_clip.get_model_config(model) is not None:
+        raise ModelError(f"--model {model} without --pretrained would score randomly initialised weights; give "
+                         f"--pretrained (an open_clip tag or a weight file), a model folder (--model local-dir:PATH), "
+                         f"or --random-init to score a random model on purpose")
     raw = read_yaml(params_path) if Path(params_path).exists() else {}
     options = parse(AttackParams, raw["attack"], "attack").options if "attack" in raw else {}
     ev = parse(EvalParams, raw["eval"], "eval") if "eval" in raw else EvalParams(test_n=2000, retrieval_n=1000)
     test_n = test_n or ev.test_n
-    clip = load(model) if model.startswith("local-dir:") or Path(model).is_dir() else create(model, pretrained)
+    clip = load(model) if local else create(model, pretrained)
     clip.model.to(device())
     test = shards.EvalSet(test_dir, limit=test_n)
+    side = tuple(test.head(1)["images"].shape[-2:])
+    if side != (clip.image_size, clip.image_size):
+        console.print(f"note: the test images are {side[0]}x{side[1]} px and {model} takes {clip.image_size} px: "
+                      f"they are resized (shortest side, {clip.preprocess_cfg.get('interpolation', 'bicubic')}) and "
+                      f"centre-cropped as the model's preprocessing does, in [0, 1]; triggers are applied before the "
+                      f"resize, robust attacks after it", highlight=False, soft_wrap=True, markup=False)
     metrics = evaluate_model(clip, test, triggers={t: options.get(t, {}) for t in triggers} or None, target=target,
                              retrieval_n=min(ev.retrieval_n, test_n))
     if robust:

@@ -1,15 +1,18 @@
 """Run a stage's work; known failures become one clear line on stderr and exit code 1."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .data.shards import DataError
 from .models import ModelError
 from .params import ParamsError, check_params
 from .registry import RemoteError
-from .training import TrainingError
-from .ui import console
+from .training import Interrupted, TrainingError
+from .ui import console, written
 
 EXPECTED = (DataError, ModelError, ParamsError, TrainingError, ValueError, FileNotFoundError, RemoteError)
 
@@ -36,7 +39,6 @@ def torchrun_command(launch, target: list[str]) -> list[str]:
 def launch_distributed(params: str | Path) -> None:
     """With train.nproc > 1 or train.nnodes > 1 outside torchrun, run this same command under torchrun and exit with
     its code (check_params has refused an nproc larger than the devices, or nnodes > 1 without an endpoint)."""
-    import os
     import subprocess
 
     from .params import load_launch
@@ -45,7 +47,30 @@ def launch_distributed(params: str | Path) -> None:
         return
     spec = getattr(sys.modules["__main__"], "__spec__", None)  # `python -m pkg.mod`: relaunch the module
     target = ["-m", spec.name, *sys.argv[1:]] if spec is not None and spec.name != "__main__" else sys.argv
-    sys.exit(subprocess.run(torchrun_command(launch, target)).returncode)
+    proc = subprocess.Popen(torchrun_command(launch, target))
+    while True:  # the ranks report an interruption themselves; SIGTERM is passed on to torchrun (Ctrl-C reaches it)
+        try:
+            sys.exit(proc.wait())
+        except KeyboardInterrupt as e:
+            if "SIGTERM" in getattr(e, "how", ""):
+                proc.send_signal(signal.SIGTERM)
+
+
+def _terminated(signum, frame):
+    raise Interrupted("terminated (SIGTERM)")
+
+
+def interruption_message(e: KeyboardInterrupt) -> str:
+    """One true line on what an interrupted stage kept and what rerunning it does."""
+    how, note, rerun = (e.how, e.note, e.rerun) if isinstance(e, Interrupted) else ("interrupted", "", "")
+    whole = "each output is written whole at its end; half-written data sets were removed"
+    kept = (f"already written: {', '.join(written)}; nothing else was written ({whole})" if written else
+            f"no model, metrics or data set was written ({whole})")
+    if os.environ.get("DVC_STAGE"):  # dvc repro removes a stage's outputs before it runs it
+        kept += f"; `dvc repro` had already removed the outputs of stage {os.environ['DVC_STAGE']} before it ran"
+    else:
+        kept += f" and the {'other ' if written else ''}outputs from before are unchanged"
+    return f"{how}: " + "; ".join(x for x in (note, kept, rerun or "rerunning the stage starts it over") if x)
 
 
 TIMES_DIR = Path("times")
@@ -70,8 +95,18 @@ def record_time(name: str, times_dir: Path = TIMES_DIR) -> float:
 
 def run(work, params: str | Path | None = "params.yaml", distributed: bool = False) -> None:
     """Validate the whole params file (every problem at once), then do `work` (a training stage with
-    `distributed`: under torchrun when train.nproc > 1). A stage script (stages/*.py) records its wall time."""
-    import os
+    `distributed`: under torchrun when train.nproc > 1). Ctrl-C and SIGTERM stop it the same way. A stage script (stages/*.py) records its wall time."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    written.clear()
+    try:
+        _run(work, params, distributed)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(work, params, distributed: bool) -> None:
     try:
         if params is not None and Path(params).exists():
             check_params(params)
@@ -84,6 +119,7 @@ def run(work, params: str | Path | None = "params.yaml", distributed: bool = Fal
         # One unwrapped line, no markup: messages quote params and lists verbatim.
         console.print(f"error: {e}", style="bold red", highlight=False, soft_wrap=True, markup=False)
         sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted:[/] no output was replaced (outputs are written atomically)")
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun rank 0 speaks for all (it keeps the checkpoint)
+            console.print(interruption_message(e), style="bold red", highlight=False, soft_wrap=True, markup=False)
+        sys.exit(143 if "SIGTERM" in getattr(e, "how", "") else 130)

@@ -22,6 +22,15 @@ class TrainingError(RuntimeError):
     pass
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (`how`), with what a stopped training run left behind (`note`) and what rerunning the
+    stage will do (`rerun`); stage.run prints them."""
+
+    def __init__(self, how: str = "interrupted", note: str = "", rerun: str = ""):
+        super().__init__(how)
+        self.how, self.note, self.rerun = how, note, rerun
+
+
 @dataclass
 class TrainConfig:
     steps: int
@@ -268,11 +277,15 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
             console.print(f"{description}: resumed from step {start} ({checkpoint.path})")
     if callable(batches):
         batches = batches(start)
-    log = open(log_file, "w") if log_file and main else None
+    # The log is written beside the previous one and replaces it only when the run completes.
+    partial_log = Path(f"{log_file}.partial") if log_file and main else None
+    log = open(partial_log, "w") if partial_log else None
+    saved = start  # the step of the checkpoint a rerun would resume from (0: none)
     if log:
         log.writelines(json.dumps(row) + "\n" for row in history)
     last_finite: dict = {}
     fresh, t0 = 0, time.perf_counter()  # samples this process trained on (throughput)
+    step = start
     try:
         with progress_bar(description, total=cfg.steps, completed=start, show=main) as advance:
             for step in range(start, cfg.steps):
@@ -318,12 +331,26 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
                     checkpoint.save({"step": done, "seen": seen, "model": clip.model.state_dict(),
                                      "optimizer": opt.state_dict(), "rng": _rng_state(), "history": history,
                                      "objective": objective.state_dict() if hasattr(objective, "state_dict") else None})
+                    saved = done
                 advance(loss=float(loss.detach()))
+    except KeyboardInterrupt as e:
+        kept = ""
+        if partial_log:  # a log that dvc repro removed before the run is not called unchanged
+            kept = (f"; {log_file} was left as it was" if Path(log_file).exists() else "") + \
+                f"; this run's log so far is in {partial_log}"
+        rerun = (f"rerunning the stage with the same params and data resumes from checkpoint step {saved} "
+                 f"({checkpoint.path})" if checkpoint and saved
+                 else "rerunning the stage starts training over" + (f" (a checkpoint is written every {checkpoint.every} "
+                                                                   f"steps)" if checkpoint and checkpoint.every else ""))
+        raise Interrupted(getattr(e, "how", "interrupted"), f"{description} stopped at step {step} of {cfg.steps}{kept}",
+                          rerun) from e
     finally:
         if log:
             log.close()
         for p, flag in frozen_flags.items():
             p.requires_grad_(flag)
         clip.model.eval()
+    if partial_log:
+        os.replace(partial_log, log_file)
     seconds = time.perf_counter() - t0
     return TrainResult(cfg.steps, seconds, fresh / seconds, history[-1] if history else {}, history)

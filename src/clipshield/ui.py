@@ -9,6 +9,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 console = Console(stderr=True)
+written: list[str] = []  # outputs this process has completed (an interrupted stage names them)
+
+
+def wrote(path) -> None:
+    written.append(str(path))
+
+
 PLAIN_EVERY_S = 10.0  # a plain progress line this often when stderr is not a terminal (CI logs, cluster jobs)
 
 

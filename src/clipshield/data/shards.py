@@ -110,6 +110,8 @@ def write_shards(samples: Iterable[tuple[str, np.ndarray, str, dict]], out_dir: 
         raise
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+    from ..ui import wrote
+    wrote(out_dir)
     return sizes
 
 
@@ -170,15 +172,32 @@ def iter_samples(data_dir: str | Path, shuffle: int = 0, seed: int = 0, decode: 
             raise DataError(f"shard {Path(s['__url__']).name} of {data_dir} holds a member named {key!r} (an absolute "
                             f"path or one with '..'): refused, it is not a clipshield data set; re-create it "
                             f"(`dvc repro`) or restore it (`dvc pull`)")
+        shard = Path(s["__url__"]).name
         try:
             image = s["jpg"] if "jpg" in s and "png" not in s else s["png"]
-            sample = {"key": s["__key__"], "image": decode_image(image) if decode else image,
-                      "caption": s["txt"].decode(), "meta": json.loads(s["json"])}
+            caption, meta_bytes = s["txt"], s["json"]
         except KeyError as e:
-            raise DataError(f"sample {key} in shard {Path(s['__url__']).name} of {data_dir} lacks {e} (a truncated "
+            raise DataError(f"sample {key} in shard {shard} of {data_dir} lacks {e} (a truncated "
                             f"shard?); shards "
                             f"hold KEY.png (or .jpg), KEY.txt and KEY.json: re-create (`dvc repro`) or restore (`dvc pull`)") from e
+        where, fix = f"sample {key} in shard {shard} of {data_dir}", "re-create the data set (`dvc repro`) or restore it (`dvc pull`)"
+        try:
+            caption = caption.decode()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: its caption ({key}.txt) is not UTF-8 text ({e}); {fix}") from e
+        try:
+            meta = json.loads(meta_bytes)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{where}: {key}.json is not valid JSON ({e}); {fix}") from e
+        if not isinstance(meta, dict):
+            raise DataError(f"{where}: {key}.json must hold a JSON object, not {type(meta).__name__}; {fix}")
+        sample = {"key": key, "image": decode_sample_image(image, where, fix) if decode else image,
+                  "caption": caption, "meta": meta, "shard": f"{shard} of {data_dir}"}  # named by errors in collate
         seen[s["__url__"]] = seen.get(s["__url__"], 0) + 1
+        if seen[s["__url__"]] > expected.get(s["__url__"], 0):
+            raise DataError(f"shard {shard} of {data_dir} holds more samples than its sizes.json says "
+                            f"({expected.get(s['__url__'], 0)}; sample {key} is one more): sizes.json is stale or the "
+                            f"shard was replaced; re-create the data set (`dvc repro`) or restore it (`dvc pull`)")
         yield sample
     short = {Path(u).name: (seen.get(u, 0), n) for u, n in expected.items() if seen.get(u, 0) != n}
     if short:
@@ -187,8 +206,26 @@ def iter_samples(data_dir: str | Path, shuffle: int = 0, seed: int = 0, decode: 
                         f"(`dvc repro`) or restore it (`dvc pull`)")
 
 
+def decode_sample_image(data: bytes, where: str, fix: str) -> np.ndarray:
+    try:
+        return decode_image(data)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated or broken file
+        why = "not an image format PIL knows" if "cannot identify image file" in str(e) else str(e)
+        raise DataError(f"{where}: its image is not a readable PNG or JPEG ({why}); {fix}") from e
+
+
 def collate(samples: list[dict]) -> dict:
-    images = np.stack([s["image"] if isinstance(s["image"], np.ndarray) else decode_image(s["image"]) for s in samples])
+    fix = "re-create the data set (`dvc repro`) or restore it (`dvc pull`)"
+    arrays = [s["image"] if isinstance(s["image"], np.ndarray) else
+              decode_sample_image(s["image"], f"sample {s['key']} in shard {s.get('shard', '?')}", fix) for s in samples]
+    odd = [(s, a.shape) for s, a in zip(samples, arrays) if a.shape != arrays[0].shape]
+    if odd:
+        s, shape = odd[0]
+        raise DataError(f"sample {s['key']} in shard {s.get('shard', '?')} is {shape[1]}x{shape[0]} px, but sample "
+                        f"{samples[0]['key']} in shard {samples[0].get('shard', '?')} is {arrays[0].shape[1]}x"
+                        f"{arrays[0].shape[0]}: a data set holds one image size; re-create it (`dvc repro`, or "
+                        f"`clipshield data` with data.image_size) or restore it (`dvc pull`)")
+    images = np.stack(arrays)
     images = torch.from_numpy(images).permute(0, 3, 1, 2)
     return {"images": images.float().div_(255), "captions": [s["caption"] for s in samples],
             "labels": torch.tensor([s["meta"].get("class", -1) for s in samples]),
@@ -225,10 +262,21 @@ def iter_batches(data_dir: str | Path, batch_size: int, shuffle: int = 2000, see
         epoch += 1
 
 
-def load_all(data_dir: str | Path, limit: int | None = None) -> dict:
+def require_classes(data_dir: str | Path) -> None:
+    """An evaluation set must say what its labels mean: refuse a folder without classes.json."""
+    from .classes import CLASSES_FILE
+    if Path(data_dir).is_dir() and not (Path(data_dir) / CLASSES_FILE).exists():
+        raise DataError(f"test set {data_dir} has no {CLASSES_FILE}, so its labels name no classes; re-create it with "
+                        f"`clipshield data` (or `dvc repro data`), or write {Path(data_dir) / CLASSES_FILE} as "
+                        f'{{"names": [class of label 0, ...], "templates": ["a photo of a {{}}."]}}')
+
+
+def load_all(data_dir: str | Path, limit: int | None = None, labelled: bool = False) -> dict:
     """The first `limit` samples (in shard order) as one batch, with the folder's class space
-    (`classes`), for evaluation sets."""
+    (`classes`), for evaluation sets (with `labelled`, a folder without classes.json is refused)."""
     from .classes import read_classes
+    if labelled:
+        require_classes(data_dir)
     buf = []
     for s in iter_samples(data_dir):
         buf.append(s)
@@ -247,6 +295,7 @@ class EvalSet:
     def __init__(self, data_dir: str | Path, limit: int | None = None):
         self.data_dir, self.limit = Path(data_dir), limit
         shard_paths(self.data_dir)  # a missing or broken data set fails here, before any model work
+        require_classes(self.data_dir)
         from .classes import read_classes
         self.classes = read_classes(self.data_dir)
 
