@@ -158,3 +158,13 @@ def test_frozen_copy_is_independent_and_frozen(smoke):
             assert torch.equal(frozen.model.visual.conv1.weight, before)
         finally:
             smoke.model.visual.conv1.weight.sub_(1.0)
+
+
+def test_tokenize_remembers_captions_and_gives_what_the_tokenizer_gives():
+    clip = models.create("smoke-rn")
+    first = ["a red star.", "a blue ring.", "a red star."]
+    assert torch.equal(clip.tokenize(first), clip.tokenizer(first))
+    assert len(clip._tokens) == 2  # each caption tokenised once
+    again = ["a blue ring.", "a green cross.", "a red star."]
+    assert torch.equal(clip.tokenize(again), clip.tokenizer(again))
+    assert len(clip._tokens) == 3

@@ -57,7 +57,9 @@ def test_repro_trains_and_evaluates_every_model(project):
     assert stages[:2] == ["data", "pretrain"]
     assert {"poison@blended_stripes", "backdoor@blended_stripes-0", "synth", "clean@blended_stripes-finetune-0",
             "clean@blended_stripes-cleanclip-0", "clean@blended_stripes-par-0", "harden@fare-clean",
-            "harden@tecoa-clean", "harden@fare-par-blended_stripes-s0", "report"} == set(stages) - {"data", "pretrain", "robust"}
+            "harden@tecoa-clean", "harden@fare-par-blended_stripes-s0", "harden@fare-backdoor-blended_stripes-s0",
+            "report"} == set(stages) - {"data", "pretrain", "baseline", "robust"}
+    assert "asr_blended_stripes" in json.loads((root / "metrics/baseline.json").read_text())
     clean = json.loads((root / "metrics/clean.json").read_text())
     for key in ("zeroshot_top1", "i2t_r1", "i2t_r5", "t2i_r5", "i2t_r10"):
         assert 0.0 <= clean[key] <= 1.0
@@ -84,8 +86,13 @@ def test_report_has_every_model_and_plots(project):
     report = (root / "reports/report.md").read_text()
     for model in ("clean (blended_stripes)", "backdoor-blended_stripes", "finetune-blended_stripes",
                   "cleanclip-blended_stripes", "par-blended_stripes", "fare-clean", "tecoa-clean",
-                  "fare-par-blended_stripes"):
+                  "fare-par-blended_stripes", "fare-backdoor-blended_stripes"):
         assert f"| {model} | 1 |" in report, model
+    assert "trained on `data/synth`" in report  # which data every defence saw
+    times = report[report.index("## Where the time went"):]
+    for stage in ("| data |", "| pretrain |", "| baseline |", "| clean@blended_stripes-par-0 |",
+                  "| harden@fare-backdoor-blended_stripes-s0 |", "| **total** |"):
+        assert stage in times, stage
     for png in ("asr_vs_accuracy", "robust_vs_eps", "training_curves", "triggers"):
         assert (root / f"reports/{png}.png").stat().st_size > 5000
     assert (root / "reports/curves/pretrain.tsv").read_text().startswith("step\tloss\n")
@@ -109,6 +116,18 @@ def test_exp_run_par_eps_reruns_only_par_stages_and_their_dependents(project):
     # only if metrics changed. Never the data, backdoor or other cleaning stages.
     assert ran[0] == "clean@blended_stripes-par-0", exp.stdout
     assert set(ran) <= {"clean@blended_stripes-par-0", "harden@fare-par-blended_stripes-s0", "report"}, exp.stdout
+
+
+def test_a_changed_attack_does_not_rerun_pretraining(project):
+    root, _ = project
+    params = (root / "params.yaml").read_text()
+    try:
+        (root / "params.yaml").write_text(params.replace("target: star", "target: heart"))
+        status = sh("dvc status", root).stdout
+        assert "baseline:" in status and "poison@blended_stripes:" in status, status
+        assert "pretrain:" not in status and "data:" not in status, status
+    finally:
+        (root / "params.yaml").write_text(params)
 
 
 def test_stage_with_bad_params_fails_with_one_line(project):

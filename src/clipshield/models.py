@@ -10,7 +10,7 @@ import logging
 import os
 import pickle
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
@@ -21,6 +21,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 PROVENANCE_FILE = "provenance.json"
+TOKEN_CACHE = 200_000  # captions whose token ids a model keeps (200k x 77 int64: 120 MB at most)
 
 
 class ModelError(ValueError):
@@ -47,6 +48,7 @@ class Clip:
     model_cfg: dict
     preprocess_cfg: dict
     name: str
+    _tokens: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def image_size(self) -> int:
@@ -59,7 +61,14 @@ class Clip:
         return self.model.encode_image((x01 - mean) / std, normalize=normalize)
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(captions)
+        """Token ids (N, context); each caption is tokenised once and remembered (captions repeat across epochs, and
+        BPE in Python costs ~5 ms per batch of 128), up to TOKEN_CACHE captions."""
+        missing = list(dict.fromkeys(c for c in captions if c not in self._tokens))
+        if missing:
+            if len(self._tokens) + len(missing) > TOKEN_CACHE:
+                self._tokens.clear()
+            self._tokens.update(zip(missing, self.tokenizer(missing)))
+        return torch.stack([self._tokens[c] for c in captions])
 
     def encode_texts(self, captions: list[str], normalize: bool = False, device=None) -> torch.Tensor:
         tokens = self.tokenize(captions).to(device or next(self.model.parameters()).device)
