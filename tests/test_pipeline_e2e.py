@@ -34,7 +34,7 @@ def copy_repo(dst: Path) -> None:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for f in files:
-        if f.startswith((".dvc/", "dvc.lock", "metrics/", "dvclive/", "reports/")) or not (REPO / f).is_file():
+        if f.startswith((".dvc/", "dvc.lock", "metrics/", "dvclive/", "reports/", "times/")) or not (REPO / f).is_file():
             continue
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / f, dst / f)
