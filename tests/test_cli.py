@@ -1,7 +1,6 @@
 """The command line: help for every subcommand, and one clear line (exit != 0) for bad input."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,16 +10,7 @@ from clipshield.cli import app
 from clipshield.data import shards
 from clipshield.pipeline import world_samples
 
-REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 @pytest.mark.parametrize("command", ["data", "pretrain", "poison", "backdoor", "clean", "evaluate", "triggers",

@@ -29,15 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("DVC_STAGE", raising=False)
-    return tmp_path
-
-
 def world_set(folder: Path, n: int, size: int = 32, seed: int = 1, prefix: str = "test", per_shard: int = 0) -> Path:
     """A labelled procedural-world data set (with its classes.json), as the data stage writes it."""
     shards.write_shards(world_samples("base", seed, n, size, prefix), folder, prefix=prefix, per_shard=per_shard or n,
@@ -434,9 +425,9 @@ def test_training_on_images_the_model_does_not_take_is_refused_before_it_starts(
 def test_a_poison_rate_that_poisons_nothing_is_refused(project):
     world_set(project / "data/train", 20, seed=0, prefix="train")
     edit_params(project / "params.yaml", lambda p: p["poison"].update(rate=0))
-    result = runner.invoke(app, ["poison", "blended"])
+    result = runner.invoke(app, ["poison", "blended_stripes"])
     assert result.exit_code == 1
     assert one_line(result.stderr) == (
-        "error: poison.rate = 0 poisons round(0 x 20) = 0 of the 20 samples of data/train: data/poisoned/blended would "
+        "error: poison.rate = 0 poisons round(0 x 20) = 0 of the 20 samples of data/train: data/poisoned/blended_stripes would "
         "be an unpoisoned copy and its backdoor would not take; raise poison.rate (e.g. 0.05) or poison a larger data set")
     assert not (project / "data/poisoned").exists()

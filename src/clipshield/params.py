@@ -161,6 +161,7 @@ def _dump_keeping_comments(text: str, override: dict, merged: dict) -> str:
     import io
     rt = YAML()
     rt.preserve_quotes = True
+    rt.width = 4096  # never re-wrap a long line of params.yaml
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(text)
 

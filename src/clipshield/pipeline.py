@@ -213,7 +213,9 @@ def poison(trigger: str, attack, p, data_dir="data/train", out_dir=None) -> dict
     """Write data/poisoned/<trigger>: the clean train shards with round(rate*N) samples poisoned,
     plus manifest.jsonl listing exactly the poisoned samples."""
     from .attacks.poison import poison_stream
+    from .attacks.triggers import get_trigger
     from .data.classes import classes_file, read_classes
+    get_trigger(trigger)  # an unknown name first: no other message would help
     if trigger not in attack.triggers:
         console.print(f"[yellow]note:[/] trigger {trigger} is not in attack.triggers {attack.triggers}")
     out_dir = Path(out_dir or f"data/poisoned/{trigger}")
