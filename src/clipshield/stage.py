@@ -95,7 +95,8 @@ def record_time(name: str, times_dir: Path = TIMES_DIR) -> float:
 
 def run(work, params: str | Path | None = "params.yaml", distributed: bool = False) -> None:
     """Validate the whole params file (every problem at once), then do `work` (a training stage with
-    `distributed`: under torchrun when train.nproc > 1). Ctrl-C and SIGTERM stop it the same way. A stage script (stages/*.py) records its wall time."""
+    `distributed`: under torchrun when train.nproc > 1). Ctrl-C and SIGTERM stop it the same way. A stage script
+    (stages/*.py) records its wall time in times/ (the report's time table)."""
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     written.clear()
