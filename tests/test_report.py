@@ -75,3 +75,11 @@ def test_a_robust_run_belongs_to_its_start_models_trigger_not_a_prefix_of_it(met
     assert rows["fare-par-blended_stripes-s0"]["trigger"] == "blended_stripes"
     assert rows["fare-backdoor-blended-s0"]["trigger"] == "blended"
     assert rows["fare-clean"]["trigger"] == "-"
+
+
+def test_the_table_has_a_robust_column_for_every_radius_scored(metrics):
+    (metrics / "fare-clean.json").write_text(json.dumps({"zeroshot_top1": 0.8, "robust_top1_eps1_5": 0.7,
+                                                         "robust_top1_eps4": 0.5}))
+    rows = aggregate(collect(metrics, ["blended"], {"fare-clean": {"method": "fare", "start": "clean"}}))
+    header = markdown_table(rows).splitlines()[0]
+    assert "robust_top1_eps1_5 | robust_top1_eps4 | distortion_clean" in header and "eps2" not in header

@@ -18,8 +18,16 @@ from .ui import console  # noqa: E402
 METHOD_ORDER = ("backdoor", "finetune", "cleanclip", "par")
 # t_{0.975, n-1} for the 95% confidence interval of a mean over n seeds (n = 2..10)
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-COLUMNS = ("zeroshot_top1", "asr", "asr_all", "retrieval_asr", "i2t_r5", "t2i_r5", "robust_top1_eps2",
-           "robust_top1_eps4", "distortion_clean", "distortion_adv")
+COLUMNS = ("zeroshot_top1", "asr", "asr_all", "retrieval_asr", "i2t_r5", "t2i_r5")
+TAIL_COLUMNS = ("distortion_clean", "distortion_adv")
+
+
+def columns(rows: list[dict]) -> tuple[str, ...]:
+    """The table's columns: the fixed ones, then robust_top1_eps<E> for every radius the rows were scored at
+    (robust.eps), in order of E, then the distortions."""
+    eps = {k for r in rows for k in r if k.startswith("robust_top1_eps") and not k.endswith("_ci")}
+    return COLUMNS + tuple(sorted(eps, key=lambda k: float(k.removeprefix("robust_top1_eps").replace("_", ".")))) \
+        + TAIL_COLUMNS
 
 
 def _seed(stem: str) -> tuple[str, int | None]:
@@ -66,11 +74,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
-    out = []
+    out, cols = [], columns(rows)
     for group, members in groups.items():
-        row = {k: v for k, v in members[0].items() if k not in COLUMNS}
+        row = {k: v for k, v in members[0].items() if k not in cols}
         row["model"], row["seeds"] = group, len(members)
-        for c in COLUMNS:
+        for c in cols:
             values = [m[c] for m in members if isinstance(m.get(c), (int, float))]
             if not values:
                 continue
@@ -86,7 +94,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     """The aggregated rows as markdown; mean ± 95% CI where a model has several seeds."""
-    lines = ["| model | seeds | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
+    cols = columns(rows)
+    lines = ["| model | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for r in rows:
         def cell(c):
             v = r.get(c)
@@ -94,7 +103,7 @@ def markdown_table(rows: list[dict]) -> str:
                 return "–"
             digits = 1 if c.startswith("distortion") else 3
             return f"{v:.{digits}f}" + (f" ± {r[c + '_ci']:.{digits}f}" if f"{c}_ci" in r else "")
-        lines.append(f"| {r['model']} | {r.get('seeds', 1)} | " + " | ".join(cell(c) for c in COLUMNS) + " |")
+        lines.append(f"| {r['model']} | {r.get('seeds', 1)} | " + " | ".join(cell(c) for c in cols) + " |")
     return "\n".join(lines)
 
 
