@@ -57,7 +57,7 @@ def clipshield_loop(model_name: str, data: Path, batch_size: int, steps: int, ob
     obj = build_objective(objective)
     frozen = frozen_copy(clip) if getattr(obj, "needs_frozen", False) else None
     cfg = TrainConfig(steps=steps, lr=1e-4, log_every=10**9, bf16=bf16, accum=accum)
-    batches = shards.prefetch(shards.iter_batches(data, batch_size, shuffle=2000, seed=0))  # as run_training
+    batches = shards.iter_batches(data, batch_size, shuffle=2000, seed=0)
     result = train(clip, obj, batches, cfg, frozen=frozen, description=f"clipshield loop ({objective})")
     return result.samples_per_s * distributed.world()[1]
 

@@ -253,17 +253,3 @@ def test_load_all_limit(dataset):
     b = shards.load_all(d, limit=5)
     assert b["keys"] == [s[0] for s in samples[:5]]
     assert b["images"].shape == (5, 3, 4, 4)
-
-
-def test_prefetch_gives_the_same_batches_in_order_and_raises_where_the_error_was():
-    from clipshield.data.shards import prefetch
-
-    def source():
-        yield from ({"i": i} for i in range(5))
-        raise DataError("shard 3 is corrupt")
-    got = []
-    with pytest.raises(DataError, match="shard 3 is corrupt"):
-        for b in prefetch(source(), depth=2):
-            got.append(b["i"])
-    assert got == [0, 1, 2, 3, 4]
-    assert [b["i"] for b in prefetch(({"i": i} for i in range(7)), depth=3)] == list(range(7))

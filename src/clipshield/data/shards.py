@@ -271,28 +271,6 @@ def require_classes(data_dir: str | Path) -> None:
                         f'{{"names": [class of label 0, ...], "templates": ["a photo of a {{}}."]}}')
 
 
-def prefetch(batches: Iterator[dict], depth: int = 2) -> Iterator[dict]:
-    """The same batches in the same order, read `depth` ahead in a background thread: tar parsing and image
-    decoding overlap the training step (torch releases the GIL while it computes). Errors surface in order."""
-    import queue
-    import threading
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-
-    def fill():
-        try:
-            for b in batches:
-                q.put(b)
-        except BaseException as e:  # handed to the consumer, raised where the batch would have been
-            q.put(e)
-        q.put(done)
-    threading.Thread(target=fill, daemon=True, name="prefetch").start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
 def load_all(data_dir: str | Path, limit: int | None = None, labelled: bool = False) -> dict:
     """The first `limit` samples (in shard order) as one batch, with the folder's class space
     (`classes`), for evaluation sets (with `labelled`, a folder without classes.json is refused)."""
