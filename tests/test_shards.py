@@ -253,3 +253,51 @@ def test_load_all_limit(dataset):
     b = shards.load_all(d, limit=5)
     assert b["keys"] == [s[0] for s in samples[:5]]
     assert b["images"].shape == (5, 3, 4, 4)
+
+
+def _tar(path, members, fmt=tarfile.USTAR_FORMAT):
+    import io
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for name, data in members:
+            if data is None:
+                tf.addfile(_dir(name))
+                continue
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+
+def _dir(name):
+    ti = tarfile.TarInfo(name)
+    ti.type = tarfile.DIRTYPE
+    return ti
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_files_reads_what_tarfile_reads(tmp_path, fmt):
+    long_dir = "d" * 120  # over ustar's 100-byte name field: ustar splits it into prefix/name, GNU and pax extend
+    unicode = "ete" if fmt == tarfile.USTAR_FORMAT else "\u00e9t\u00e9"  # pax writes a non-ASCII name as an extended header
+    members = [("a.txt", b"x" * 513), ("sub", None), (f"{long_dir}/k0.png", b""), (f"{long_dir}/k0.txt", b"caption"),
+               (f"{unicode}.json", b"{}")]
+    path = tmp_path / "x.tar"
+    _tar(path, members, fmt)
+    with tarfile.open(path) as tf:
+        expected = [(m.name, tf.extractfile(m).read()) for m in tf if m.isreg()]
+    assert list(shards.tar_files(str(path))) == expected
+    assert len(expected) == 4
+
+
+def test_tar_files_checks_the_header_checksum(tmp_path):
+    path = tmp_path / "x.tar"
+    _tar(path, [("a.txt", b"hello")])
+    data = bytearray(path.read_bytes())
+    data[0] = ord("b")  # rename a.txt -> b.txt without fixing the checksum
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="checksum"):
+        list(shards.tar_files(str(path)))
+
+
+def test_tar_files_refuses_an_empty_file(tmp_path):
+    (tmp_path / "x.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="x.tar: the file is empty"):
+        list(shards.tar_files(str(tmp_path / "x.tar")))
