@@ -175,6 +175,17 @@ def test_auto_augment_shape_and_range():
     assert out.min() >= 0 and out.max() <= 1
 
 
+def test_auto_augment_draws_as_torchvision_on_tensors():
+    from clipshield.objectives.augment import _autoaugment
+    x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    ours = auto_augment(x)
+    torch.manual_seed(1)
+    reference = torch.stack([_autoaugment(u) for u in (x * 255).round().to(torch.uint8)]).float() / 255
+    assert (ours != x).any(dim=(1, 2, 3)).float().mean() > 0.5  # most images were changed
+    assert ((ours - reference).abs() > 1.5 / 255).float().mean() < 0.01  # same ops, same draws: interpolated pixels differ
+
+
 CAPTIONS = ["a photo of a red circle.", "a small blue star on a dark background.", "a b",
             "an image of a large heart, coloured pink.", "yellow cross on noisy."]
 

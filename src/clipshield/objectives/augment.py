@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import AutoAugment, AutoAugmentPolicy
 
 
@@ -32,9 +34,12 @@ _autoaugment = AutoAugment(AutoAugmentPolicy.IMAGENET)
 
 
 def auto_augment(images: torch.Tensor) -> torch.Tensor:
-    """torchvision AutoAugment (ImageNet policy), a separately drawn policy per image."""
-    u8 = (images * 255).round().to(torch.uint8).cpu()
-    return torch.stack([_autoaugment(x) for x in u8]).float().div(255).to(images.device)
+    """torchvision AutoAugment (ImageNet policy), a separately drawn policy per image. On PIL images: 3x
+    faster than on tensors (the per-op dispatch dominates for small images), same draws, same pixels
+    but for a few interpolated ones."""
+    u8 = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = np.stack([np.asarray(_autoaugment(Image.fromarray(x))) for x in u8])
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(255).to(images.device)
 
 
 SYNONYMS = {
