@@ -306,13 +306,20 @@ class HardenParams(TrainParams):
     runs: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass
+class RobustParams:
+    eps: list[float]        # in 1/255 units
+    n: int
+    steps: int
+    distortion_n: int = 200
+    n_target_classes: int = 9   # APGD-T targets per sample: the most likely wrong classes (AutoAttack: 9)
+
+
 # ---- the one schema: every section and its constraints, checked before any stage works ---------
 
-def _sections() -> dict:
-    from .robust import RobustParams
-    return {"train": LaunchParams, "data": DataParams, "eval": EvalParams, "pretrain": PretrainParams, "attack": AttackParams,
-            "poison": PoisonParams, "backdoor": BackdoorParams, "clean": CleanParams, "harden": HardenParams,
-            "robust": RobustParams}
+SECTIONS = {"train": LaunchParams, "data": DataParams, "eval": EvalParams, "pretrain": PretrainParams,
+            "attack": AttackParams, "poison": PoisonParams, "backdoor": BackdoorParams, "clean": CleanParams,
+            "harden": HardenParams, "robust": RobustParams}
 
 
 ROBUST_METHODS = ("fare", "tecoa")
@@ -524,7 +531,7 @@ def validate(raw: dict) -> list[str]:
         if isinstance(raw.get(section), dict) and "seed" in raw[section]:
             problems.append(f"`{section}.seed` is not used: the top-level `seeds` list sets the training seed of "
                             f"every {section} run; remove it")
-    for section, cls in _sections().items():
+    for section, cls in SECTIONS.items():
         if section not in raw:
             problems.append(f"params.yaml has no `{section}` section; restore it from git or a profile")
             continue
