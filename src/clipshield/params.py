@@ -262,21 +262,15 @@ class CleanParams(TrainParams):
 
 def objective_options(name: str, options: dict) -> dict:
     """Check a method's params section against its objective's constructor (one-line error otherwise)."""
-    import inspect
-
-    from .objectives import _registry
-    factory = _registry().get(name)
-    if factory is None:
-        raise ParamsError(f"unknown method {name!r}; valid methods: {', '.join(_registry())}")
-    bound = set(getattr(factory, "keywords", None) or {})
-    cls = getattr(factory, "func", factory)
-    if isinstance(cls, type):
-        allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self" and p not in bound]
-        for key in options:
-            if key not in allowed:
-                near = difflib.get_close_matches(key, allowed, n=1)
-                raise ParamsError(f"unknown param `{name}.{key}`" + (f"; did you mean `{name}.{near[0]}`?" if near
-                                  else f"; known: {', '.join(allowed)}"))
+    from .objectives import list_objectives, option_names
+    if name not in list_objectives():
+        raise ParamsError(f"unknown method {name!r}; valid methods: {', '.join(list_objectives())}")
+    allowed = option_names(name)
+    for key in options:
+        if key not in allowed:
+            near = difflib.get_close_matches(key, allowed, n=1)
+            raise ParamsError(f"unknown param `{name}.{key}`" + (f"; did you mean `{name}.{near[0]}`?" if near
+                              else f"; known: {', '.join(allowed)}"))
     return options
 
 
@@ -429,8 +423,8 @@ def _constraints(v: dict) -> list[str]:
     if "backdoor" in v:
         need(0 <= v["backdoor"].min_asr <= 1, "backdoor.min_asr", v["backdoor"].min_asr, "use a fraction in [0, 1]")
     if "clean" in v:
-        from .objectives import _registry
-        cleaners = [m for m in _registry() if m not in ("clip", *ROBUST_METHODS)]
+        from .objectives import list_objectives
+        cleaners = [m for m in list_objectives() if m not in ("clip", *ROBUST_METHODS)]
         for m in v["clean"].methods:
             need(m in cleaners, "clean.methods", m, f"valid cleaning methods: {', '.join(cleaners)}")
     if "harden" in v:
@@ -488,9 +482,9 @@ def _trigger_option_problems(trigger: str, options, allowed: tuple[str, ...], si
 
 def _method_problems(raw: dict) -> list[str]:
     """The objectives' sections (par, finetune, cleanclip, fare, tecoa): known keys, sane values."""
-    from .objectives import _registry
+    from .objectives import list_objectives
     out = []
-    for name in _registry():
+    for name in list_objectives():
         options = raw.get(name)
         if options is None:
             continue

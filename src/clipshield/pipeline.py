@@ -136,7 +136,7 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
     on_gpu = device().type == "cuda"
     torch.manual_seed(p.seed)
     clip.model.to(device())
-    frozen = frozen_copy(clip) if getattr(objective, "needs_frozen", False) else None
+    frozen = frozen_copy(clip) if objective.needs_frozen else None
     run_id = hashlib.md5(json.dumps({
         "params": vars(p), "objective": objective.name, "train_dir": str(train_dir), "data": data_hash(train_dir),
         "options": {k: v for k, v in sorted(vars(objective).items()) if isinstance(v, (int, float, str, bool))},
@@ -366,10 +366,8 @@ def harden(run: str, params_path: str | Path = "params.yaml") -> dict:
     clip = load(f"models/{start}")
     reference = load("models/clean")
     test = load_test(ev)
-    objective = build_objective(method, **options)
-    if method == "tecoa":  # supervised: the class space the training shards are labelled with
-        objective.class_space = read_classes(p.data)
-    log = run_training(clip, objective, p.data, p, run)
+    supervised = {"class_space": read_classes(p.data)} if method == "tecoa" else {}  # the labels' class space
+    log = run_training(clip, build_objective(method, **options, **supervised), p.data, p, run)
     parent = read_provenance(f"models/{start}")
     trigger = parent.get("attack", {}).get("trigger")
     triggers = {trigger: attack.options.get(trigger, {})} if trigger else None

@@ -1,4 +1,4 @@
-"""ONE training loop for every method. The method is an objective (see objectives/): a callable
+"""ONE training loop for every method. The method is an objective (objectives.Objective): a callable
 `objective(batch, clip, frozen) -> (loss, logs)` with `trainable(clip)` naming the parameters it trains.
 """
 from __future__ import annotations
@@ -159,7 +159,7 @@ def accumulate(objective, batch: dict, clip: Clip, frozen: Clip | None, parts: i
     device_type = batch["images"].device.type
     autocast = lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
     micro = split_batch(objective.prepare(batch), parts)
-    if not hasattr(objective, "encode"):
+    if not objective.whole_batch_loss:
         total, logs = 0.0, {}
         for m in micro:
             with autocast():
@@ -270,7 +270,7 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
         clip.model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
-        if hasattr(objective, "load_state_dict") and state.get("objective") is not None:
+        if state.get("objective") is not None:
             objective.load_state_dict(state["objective"])
         start, seen, history = state["step"], state["seen"], state["history"]
         if main:
@@ -293,7 +293,7 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
                 batch["images"] = batch["images"].to(device, non_blocking=True)
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, cfg)
-                set_train_mode(clip.model, getattr(objective, "train_batchnorm", True))
+                set_train_mode(clip.model, objective.train_batchnorm)
                 opt.zero_grad(set_to_none=True)
                 if cfg.accum == 1:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -330,7 +330,7 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
                 if checkpoint and checkpoint.every and done % checkpoint.every == 0 and done < cfg.steps and main:
                     checkpoint.save({"step": done, "seen": seen, "model": clip.model.state_dict(),
                                      "optimizer": opt.state_dict(), "rng": _rng_state(), "history": history,
-                                     "objective": objective.state_dict() if hasattr(objective, "state_dict") else None})
+                                     "objective": objective.state_dict()})
                     saved = done
                 advance(loss=float(loss.detach()))
     except KeyboardInterrupt as e:
@@ -342,8 +342,8 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
                  f"({checkpoint.path})" if checkpoint and saved
                  else "rerunning the stage starts training over" + (f" (a checkpoint is written every {checkpoint.every} "
                                                                    f"steps)" if checkpoint and checkpoint.every else ""))
-        raise Interrupted(getattr(e, "how", "interrupted"), f"{description} stopped at step {step} of {cfg.steps}{kept}",
-                          rerun) from e
+        how = e.how if isinstance(e, Interrupted) else "interrupted"
+        raise Interrupted(how, f"{description} stopped at step {step} of {cfg.steps}{kept}", rerun) from e
     finally:
         if log:
             log.close()

@@ -5,13 +5,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..data.classes import ClassSpace
 from .vision import VisionAdversarialObjective
 
 
 class TecoaObjective(VisionAdversarialObjective):
     name = "tecoa"
-    classes: torch.Tensor | None = None
-    class_space = None  # the training shards' ClassSpace (set by the harden stage); None: the world's classes
+
+    def __init__(self, eps: float = 4.0, steps: int = 10, step_size: float = 1.0, momentum: float | None = None, *,
+                 class_space: ClassSpace | None = None):
+        """`class_space`: the classes the training shards are labelled with (None: the procedural world's)."""
+        super().__init__(eps, steps, step_size, momentum)
+        self.class_space = class_space
+        self.classes: torch.Tensor | None = None  # their embeddings by the frozen start model, from the first batch
 
     def setup(self, batch, clip, frozen):
         from ..evaluation import class_embeddings
