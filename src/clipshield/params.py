@@ -324,6 +324,7 @@ def _constraints(v: dict) -> list[str]:
     from .attacks.triggers import TRIGGERS
     from .data.classes import load_classes
     from .data.world import WORLDS
+    from .training import SCHEDULES
     out = []
 
     def need(ok: bool, key: str, value, allowed: str):
@@ -339,8 +340,8 @@ def _constraints(v: dict) -> list[str]:
             need(p.lr > 0, f"{name}.lr", p.lr, "use a learning rate > 0")
             need(p.warmup >= 0 and (p.warmup < 1 or float(p.warmup).is_integer()), f"{name}.warmup", p.warmup,
                  "use a fraction of the steps in [0, 1) (0.07: 7%) or a whole number of steps >= 1")
-            need(p.schedule in ("cosine", "par", "constant"), f"{name}.schedule", p.schedule,
-                 "choose cosine, par or constant")
+            need(p.schedule in SCHEDULES, f"{name}.schedule", p.schedule,
+                 f"choose {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}")
             need(p.weight_decay >= 0, f"{name}.weight_decay", p.weight_decay, "use a number >= 0")
             need(p.grad_clip >= 0, f"{name}.grad_clip", p.grad_clip, "use a number >= 0 (0: no clipping)")
             need(p.shuffle >= 0, f"{name}.shuffle", p.shuffle, "use a buffer size >= 0")

@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 
 from .attacks.pgd import pgd
-from .evaluation import class_embeddings, encode_images
+from .evaluation import class_embeddings, encode_images, zeroshot_logits
 from .models import Clip
 from .params import RobustParams
 
 
 class ZeroShotClassifier(torch.nn.Module):
-    """Pixels in [0,1] -> 100 * cosine to the class embeddings; normalisation happens inside forward."""
+    """Pixels in [0,1] -> zero-shot logits (100 * cosine to the class embeddings); normalisation happens inside."""
 
     def __init__(self, clip: Clip, classes: torch.Tensor):
         super().__init__()
@@ -19,7 +19,7 @@ class ZeroShotClassifier(torch.nn.Module):
         self.register_buffer("classes", classes)
 
     def forward(self, x):
-        return 100.0 * self.clip.encode_images(x, normalize=True) @ self.classes.T
+        return zeroshot_logits(self.clip.encode_images(x), self.classes)
 
 
 def robust_accuracy(clip: Clip, images: torch.Tensor, labels: torch.Tensor, eps: float, steps: int = 100,

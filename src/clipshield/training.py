@@ -15,6 +15,7 @@ import torch
 
 from .models import Clip
 from .distributed import gather, mean_over_ranks, world
+from .files import atomic_path
 from .ui import console, progress_bar
 
 
@@ -29,6 +30,9 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, how: str = "interrupted", note: str = "", rerun: str = ""):
         super().__init__(how)
         self.how, self.note, self.rerun = how, note, rerun
+
+
+SCHEDULES = ("cosine", "par", "constant")  # the learning rate over a run (lr_at)
 
 
 @dataclass
@@ -63,7 +67,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return 0.5 * (cfg.lr / 10) * (1 + math.cos(math.pi * progress))
     if cfg.schedule == "constant":
         return cfg.lr
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose cosine, par or constant")
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 def param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
@@ -103,9 +107,8 @@ class Checkpoint:
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".partial")
-        torch.save({"run_id": self.run_id, **state}, tmp)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            torch.save({"run_id": self.run_id, **state}, tmp)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.classes import ClassSpace
+from ..evaluation import class_embeddings, zeroshot_logits
 from .vision import VisionAdversarialObjective
 
 
@@ -20,7 +21,6 @@ class TecoaObjective(VisionAdversarialObjective):
         self.classes: torch.Tensor | None = None  # their embeddings by the frozen start model, from the first batch
 
     def setup(self, batch, clip, frozen):
-        from ..evaluation import class_embeddings
         if self.classes is None:
             self.classes = class_embeddings(frozen, self.class_space).to(batch["images"].device)
         y = batch["labels"].to(batch["images"].device)
@@ -31,4 +31,4 @@ class TecoaObjective(VisionAdversarialObjective):
         return y
 
     def adv_loss(self, clip, x, labels):
-        return F.cross_entropy(100.0 * clip.encode_images(x, normalize=True) @ self.classes.T, labels)
+        return F.cross_entropy(zeroshot_logits(clip.encode_images(x), self.classes), labels)
