@@ -2,7 +2,7 @@
 (the run's method, start and optional eps: params.yaml harden.runs.RUN)."""
 import sys
 
-from clipshield.robust import harden
+from clipshield.pipeline import harden
 from clipshield.stage import run
 
 run(lambda: harden(sys.argv[1]), distributed=True)

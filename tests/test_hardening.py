@@ -17,6 +17,7 @@ import yaml
 from clipshield import models
 from clipshield.data import shards
 from clipshield.data.shards import DataError
+from clipshield.objectives import Objective
 from clipshield.params import ParamsError, check_params, read_yaml, validate
 from clipshield.training import Checkpoint, TrainConfig, TrainingError, train
 
@@ -277,7 +278,7 @@ def test_iter_batches_start_skips_exactly(tmp_path):
 
 # ---- 5. NaN guard -----------------------------------------------------------------------------
 
-class NanAfter:
+class NanAfter(Objective):
     name = "clip"
 
     def __init__(self, bad_step):

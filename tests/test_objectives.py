@@ -215,3 +215,19 @@ def test_eda_swap_keeps_the_words():
     c = CAPTIONS[1]
     out = eda(c, random.Random(seed))
     assert sorted(out.split()) == sorted(c.split())
+
+
+def test_every_objective_keeps_the_contract_and_says_its_options():
+    from clipshield.objectives import Objective, list_objectives, option_names
+    assert list_objectives() == ["clip", "finetune", "par", "cleanclip", "fare", "tecoa"]
+    for name in list_objectives():
+        assert isinstance(build_objective(name), Objective), name
+    assert option_names("finetune") == ["eps", "noise_p", "noise_std", "erase_p"]  # perturb is fixed by the registry
+    assert option_names("tecoa") == ["eps", "steps", "step_size", "momentum"]  # class_space is the stage's
+
+
+def test_tecoa_takes_its_class_space_when_built():
+    from clipshield.data.classes import world_classes
+    space = world_classes()
+    assert build_objective("tecoa", steps=1, class_space=space).class_space is space
+    assert build_objective("tecoa").class_space is None  # the procedural world's classes

@@ -13,7 +13,8 @@ from clipshield.evaluation import (attack_success_rate, class_embeddings, encode
                                    recall_at_k, retrieval_asr, top1, trigger_images, zeroshot_logits)
 from clipshield.models import create, frozen_copy
 from clipshield.pipeline import world_samples
-from clipshield.robust import RobustParams, robust_accuracy, robust_metrics
+from clipshield.params import RobustParams
+from clipshield.robust import robust_accuracy, robust_metrics
 
 
 def in_memory_evaluation(clip, test, triggers, target, retrieval_n):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clipshield import models
-from clipshield.objectives import build_objective
+from clipshield.objectives import Objective, build_objective
 from clipshield.objectives.clip import ClipObjective, clip_loss
 from clipshield.training import TrainConfig, TrainingError, lr_at, param_groups, train
 
@@ -178,7 +178,7 @@ def test_par_training_moves_away_from_frozen():
     assert not torch.equal(frozen.model.visual.conv1.weight, clip.model.visual.conv1.weight)
 
 
-class NanAt:
+class NanAt(Objective):
     name = "nan-test"
 
     def __init__(self, at):
@@ -219,7 +219,7 @@ def test_nan_at_first_step_changes_nothing():
 
 
 def test_no_trainable_parameters():
-    class Empty:
+    class Empty(Objective):
         name = "empty"
 
         def trainable(self, clip):

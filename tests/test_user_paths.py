@@ -22,6 +22,7 @@ from clipshield.cli import app
 from clipshield.data import shards
 from clipshield.data.classes import classes_file, world_classes
 from clipshield.data.shards import DataError
+from clipshield.objectives import Objective
 from clipshield.params import ParamsError, check_params, load_section, read_yaml, validate
 from clipshield.pipeline import world_samples
 
@@ -264,7 +265,7 @@ def test_a_model_config_without_weights_needs_random_init(folder):
 
 # ---- 6. interruption messages that are true -------------------------------------------------------
 
-class StopAt:
+class StopAt(Objective):
     """The CLIP objective, with Ctrl-C pressed during call number `at`."""
     name = "clip"
 

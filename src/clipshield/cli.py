@@ -78,7 +78,7 @@ def clean(trigger: Annotated[str, typer.Argument(help="trigger whose backdoored 
 def harden(run_name: Annotated[str, typer.Argument(metavar="RUN", help="a key of harden.runs in params.yaml")],
            params: ParamsFile = Path("params.yaml")):
     """FARE/TeCoA fine-tuning of a run's start model (harden.runs.RUN) -> models/RUN, with robust metrics."""
-    from .robust import harden as work
+    from .pipeline import harden as work
     run(lambda: work(run_name, params), params, distributed=True)
 
 

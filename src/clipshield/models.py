@@ -5,17 +5,18 @@ and triggers always work in pixel space while the saved weights stay stock open_
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import pickle
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
 import torch
 from safetensors.torch import save_file
+
+from .files import atomic_path, json_object
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CONFIG_FILE = "open_clip_config.json"
@@ -81,6 +82,17 @@ def _preprocess_cfg(model_cfg: dict) -> dict:
             "interpolation": "bicubic", "resize_mode": "shortest"}
 
 
+@contextlib.contextmanager
+def errors_only():
+    """Python logging at ERROR and above only, for the block."""
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.getLogger().setLevel(level)
+
+
 def create(name: str, pretrained: str | None = None, seed: int = 0) -> Clip:
     """A fresh model from a registered config (random init under `seed`), or with `pretrained` weights
     (an open_clip tag such as 'openai', or a local .safetensors/.pt file)."""
@@ -92,10 +104,9 @@ def create(name: str, pretrained: str | None = None, seed: int = 0) -> Clip:
         raise ModelError(f"unknown model config {name!r}; clipshield's tiny configs: {tiny}; "
                          f"open_clip also knows e.g. ViT-B-32, RN50 ({len(open_clip.list_models())} in all)")
     torch.manual_seed(seed)
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that a random init has no weights
     try:
-        model = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
+        with errors_only():  # open_clip warns that a random init has no weights
+            model = open_clip.create_model(name, pretrained=pretrained, weights_only=True)
     except Exception as e:  # noqa: BLE001  (safetensors raises its own error type for a torn or foreign file)
         if pretrained is None:
             raise
@@ -105,8 +116,6 @@ def create(name: str, pretrained: str | None = None, seed: int = 0) -> Clip:
                if str(pretrained).endswith(".safetensors") else _first_line(e))
         raise ModelError(f"cannot load pretrained weights {pretrained!r} for {name}: {why}; clipshield loads "
                          f".safetensors files, open_clip tags, or .pt/.bin files that hold tensors only (torch.load(weights_only=True): pickled code is refused)") from e
-    finally:
-        logging.getLogger().setLevel(level)
     model.eval()
     return Clip(model, open_clip.get_tokenizer(name), cfg, _preprocess_cfg(cfg), name)
 
@@ -121,15 +130,12 @@ def load(spec: str) -> Clip:
     if not isinstance(cfg.get("model_cfg"), dict) or not isinstance(cfg.get("preprocess_cfg", {}), dict):
         raise ModelError(f"{path / CONFIG_FILE} lacks a `model_cfg` mapping ({{\"model_cfg\": {{...}}, \"preprocess_cfg\": "
                          f"{{...}}}}); re-create the folder (`dvc repro`) or restore it (`dvc pull`)")
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that the config-only build has no weights
     try:  # the config alone first: its errors are not the weights' fault
-        open_clip.create_model(f"local-dir:{path}", load_weights=False)
+        with errors_only():  # open_clip warns that the config-only build has no weights
+            open_clip.create_model(f"local-dir:{path}", load_weights=False)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{path / CONFIG_FILE} does not describe a model open_clip can build ({_first_line(e)}); "
                          f"re-create the folder (`dvc repro`) or restore it (`dvc pull`)") from e
-    finally:
-        logging.getLogger().setLevel(level)
     try:
         model = open_clip.create_model(f"local-dir:{path}", weights_only=True)
     except Exception as e:  # noqa: BLE001  (a truncated safetensors file, or weights of another config)
@@ -148,16 +154,13 @@ def load(spec: str) -> Clip:
 def save(clip: Clip, out_dir: str | Path, provenance: dict) -> Path:
     """Write an open_clip local-dir folder atomically (a temp folder renamed into place)."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in clip.model.state_dict().items()}
-    save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-    (tmp / CONFIG_FILE).write_text(json.dumps({"model_cfg": clip.model_cfg, "preprocess_cfg": clip.preprocess_cfg},
-                                              indent=2, sort_keys=True) + "\n")
-    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in clip.model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps({"model_cfg": clip.model_cfg, "preprocess_cfg": clip.preprocess_cfg},
+                                                  indent=2, sort_keys=True) + "\n")
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     from .ui import wrote
     wrote(out_dir)
     return out_dir
@@ -169,13 +172,7 @@ def _first_line(e: Exception) -> str:
 
 def read_json(path: Path, fix: str) -> dict:
     """A JSON object from `path`, or a ModelError naming the file and `fix`."""
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path} is not valid JSON ({e}); {fix}") from e
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} must hold a JSON object, not {type(data).__name__}; {fix}")
-    return data
+    return json_object(path.read_bytes(), str(path), fix, ModelError)
 
 
 def read_provenance(path: str | Path) -> dict:

@@ -262,21 +262,15 @@ class CleanParams(TrainParams):
 
 def objective_options(name: str, options: dict) -> dict:
     """Check a method's params section against its objective's constructor (one-line error otherwise)."""
-    import inspect
-
-    from .objectives import _registry
-    factory = _registry().get(name)
-    if factory is None:
-        raise ParamsError(f"unknown method {name!r}; valid methods: {', '.join(_registry())}")
-    bound = set(getattr(factory, "keywords", None) or {})
-    cls = getattr(factory, "func", factory)
-    if isinstance(cls, type):
-        allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self" and p not in bound]
-        for key in options:
-            if key not in allowed:
-                near = difflib.get_close_matches(key, allowed, n=1)
-                raise ParamsError(f"unknown param `{name}.{key}`" + (f"; did you mean `{name}.{near[0]}`?" if near
-                                  else f"; known: {', '.join(allowed)}"))
+    from .objectives import list_objectives, option_names
+    if name not in list_objectives():
+        raise ParamsError(f"unknown method {name!r}; valid methods: {', '.join(list_objectives())}")
+    allowed = option_names(name)
+    for key in options:
+        if key not in allowed:
+            near = difflib.get_close_matches(key, allowed, n=1)
+            raise ParamsError(f"unknown param `{name}.{key}`" + (f"; did you mean `{name}.{near[0]}`?" if near
+                              else f"; known: {', '.join(allowed)}"))
     return options
 
 
@@ -306,13 +300,20 @@ class HardenParams(TrainParams):
     runs: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass
+class RobustParams:
+    eps: list[float]        # in 1/255 units
+    n: int
+    steps: int
+    distortion_n: int = 200
+    n_target_classes: int = 9   # APGD-T targets per sample: the most likely wrong classes (AutoAttack: 9)
+
+
 # ---- the one schema: every section and its constraints, checked before any stage works ---------
 
-def _sections() -> dict:
-    from .robust import RobustParams
-    return {"train": LaunchParams, "data": DataParams, "eval": EvalParams, "pretrain": PretrainParams, "attack": AttackParams,
-            "poison": PoisonParams, "backdoor": BackdoorParams, "clean": CleanParams, "harden": HardenParams,
-            "robust": RobustParams}
+SECTIONS = {"train": LaunchParams, "data": DataParams, "eval": EvalParams, "pretrain": PretrainParams,
+            "attack": AttackParams, "poison": PoisonParams, "backdoor": BackdoorParams, "clean": CleanParams,
+            "harden": HardenParams, "robust": RobustParams}
 
 
 ROBUST_METHODS = ("fare", "tecoa")
@@ -323,6 +324,7 @@ def _constraints(v: dict) -> list[str]:
     from .attacks.triggers import TRIGGERS
     from .data.classes import load_classes
     from .data.world import WORLDS
+    from .training import SCHEDULES
     out = []
 
     def need(ok: bool, key: str, value, allowed: str):
@@ -338,8 +340,8 @@ def _constraints(v: dict) -> list[str]:
             need(p.lr > 0, f"{name}.lr", p.lr, "use a learning rate > 0")
             need(p.warmup >= 0 and (p.warmup < 1 or float(p.warmup).is_integer()), f"{name}.warmup", p.warmup,
                  "use a fraction of the steps in [0, 1) (0.07: 7%) or a whole number of steps >= 1")
-            need(p.schedule in ("cosine", "par", "constant"), f"{name}.schedule", p.schedule,
-                 "choose cosine, par or constant")
+            need(p.schedule in SCHEDULES, f"{name}.schedule", p.schedule,
+                 f"choose {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}")
             need(p.weight_decay >= 0, f"{name}.weight_decay", p.weight_decay, "use a number >= 0")
             need(p.grad_clip >= 0, f"{name}.grad_clip", p.grad_clip, "use a number >= 0 (0: no clipping)")
             need(p.shuffle >= 0, f"{name}.shuffle", p.shuffle, "use a buffer size >= 0")
@@ -422,8 +424,8 @@ def _constraints(v: dict) -> list[str]:
     if "backdoor" in v:
         need(0 <= v["backdoor"].min_asr <= 1, "backdoor.min_asr", v["backdoor"].min_asr, "use a fraction in [0, 1]")
     if "clean" in v:
-        from .objectives import _registry
-        cleaners = [m for m in _registry() if m not in ("clip", *ROBUST_METHODS)]
+        from .objectives import list_objectives
+        cleaners = [m for m in list_objectives() if m not in ("clip", *ROBUST_METHODS)]
         for m in v["clean"].methods:
             need(m in cleaners, "clean.methods", m, f"valid cleaning methods: {', '.join(cleaners)}")
     if "harden" in v:
@@ -481,9 +483,9 @@ def _trigger_option_problems(trigger: str, options, allowed: tuple[str, ...], si
 
 def _method_problems(raw: dict) -> list[str]:
     """The objectives' sections (par, finetune, cleanclip, fare, tecoa): known keys, sane values."""
-    from .objectives import _registry
+    from .objectives import list_objectives
     out = []
-    for name in _registry():
+    for name in list_objectives():
         options = raw.get(name)
         if options is None:
             continue
@@ -524,7 +526,7 @@ def validate(raw: dict) -> list[str]:
         if isinstance(raw.get(section), dict) and "seed" in raw[section]:
             problems.append(f"`{section}.seed` is not used: the top-level `seeds` list sets the training seed of "
                             f"every {section} run; remove it")
-    for section, cls in _sections().items():
+    for section, cls in SECTIONS.items():
         if section not in raw:
             problems.append(f"params.yaml has no `{section}` section; restore it from git or a profile")
             continue

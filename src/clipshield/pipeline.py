@@ -18,8 +18,11 @@ from .data import shards
 from .data.world import get_world, render
 from .distributed import is_main
 from .evaluation import evaluate_model, zeroshot_accuracy
-from .models import Clip, create, frozen_copy, load, save
-from .params import DataParams, EvalParams, TrainParams
+from .models import Clip, create, frozen_copy, load, read_provenance, save
+from .objectives import build_objective
+from .params import (AttackParams, CleanParams, DataParams, EvalParams, HardenParams, RobustParams, TrainParams,
+                     load_section, objective_options, parse, read_yaml)
+from .robust import robust_metrics
 from .training import Checkpoint, TrainConfig, TrainingError, train
 from .ui import console, progress_bar, summary, wrote
 
@@ -133,7 +136,7 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
     on_gpu = device().type == "cuda"
     torch.manual_seed(p.seed)
     clip.model.to(device())
-    frozen = frozen_copy(clip) if getattr(objective, "needs_frozen", False) else None
+    frozen = frozen_copy(clip) if objective.needs_frozen else None
     run_id = hashlib.md5(json.dumps({
         "params": vars(p), "objective": objective.name, "train_dir": str(train_dir), "data": data_hash(train_dir),
         "options": {k: v for k, v in sorted(vars(objective).items()) if isinstance(v, (int, float, str, bool))},
@@ -181,7 +184,6 @@ def load_test(ev: EvalParams, data_dir: str | Path = "data/test") -> shards.Eval
 
 def pretrain(p, ev: EvalParams, data_dir="data", out_model="models/clean", metrics_file="metrics/clean.json") -> dict:
     """Pre-train a CLIP model from scratch (or from `p.pretrained`) on the clean train shards."""
-    from .objectives import build_objective
     clip = create(p.model, pretrained=p.pretrained, seed=p.seed)
     test = load_test(ev, Path(data_dir) / "test")
     log = run_training(clip, build_objective("clip"), Path(data_dir) / "train", p, "pretrain",
@@ -265,7 +267,6 @@ def run_name(kind: str, trigger: str, seed: int) -> str:
 def backdoor(trigger: str, attack, poison_p, p, ev: EvalParams, seed: int = 0, clean_model="models/clean") -> dict:
     """Fine-tune the clean model with the CLIP loss (training seed `seed`) on data/poisoned/<trigger>
     -> models/backdoor-<trigger>-s<seed>."""
-    from .objectives import build_objective
     name = run_name("backdoor", trigger, seed)
     p = dataclasses.replace(p, seed=seed)
     clip = load(clean_model)
@@ -328,8 +329,6 @@ def check_clean_source(data_dir: str | Path, allow_poisoned: bool, poisoned_root
 def clean(trigger: str, method: str, seed: int = 0, params_path="params.yaml") -> dict:
     """Clean models/backdoor-<trigger>-s<seed> with `method` (training seed `seed`) on synthetic pairs only
     -> models/<method>-<trigger>-s<seed>."""
-    from .objectives import build_objective
-    from .params import AttackParams, CleanParams, load_section, objective_options, read_yaml
     p = dataclasses.replace(load_section(CleanParams, "clean", params_path), seed=seed)
     attack = load_section(AttackParams, "attack", params_path)
     ev = load_section(EvalParams, "eval", params_path)
@@ -348,3 +347,46 @@ def clean(trigger: str, method: str, seed: int = 0, params_path="params.yaml") -
                            "poisoned": evidence}, "params": vars(p), "training": log}
     return finish_model(clip, name, f"models/{name}", f"metrics/{name}.json", provenance, test, ev,
                         {trigger: trig_opts}, attack.target)
+
+
+def harden(run: str, params_path: str | Path = "params.yaml") -> dict:
+    """Run `harden.runs.<run>`: FARE/TeCoA fine-tuning of models/<start> on the clean train shards -> models/<run>,
+    evaluated for clean accuracy, ASR (where the start model had a trigger), robust accuracy, distortion."""
+    from .data.classes import read_classes
+    raw = read_yaml(params_path)
+    p = load_section(HardenParams, "harden", params_path)
+    rp = parse(RobustParams, raw["robust"], "robust")
+    attack = load_section(AttackParams, "attack", params_path)
+    ev = load_section(EvalParams, "eval", params_path)
+    if run not in p.runs:
+        raise ValueError(f"unknown harden run {run!r}; harden.runs lists: {', '.join(p.runs) or 'none'}")
+    spec = p.runs[run]
+    method, start = spec["method"], spec["start"]
+    options = objective_options(method, raw.get(method) or {}) | ({"eps": spec["eps"]} if "eps" in spec else {})
+    clip = load(f"models/{start}")
+    reference = load("models/clean")
+    test = load_test(ev)
+    supervised = {"class_space": read_classes(p.data)} if method == "tecoa" else {}  # the labels' class space
+    log = run_training(clip, build_objective(method, **options, **supervised), p.data, p, run)
+    parent = read_provenance(f"models/{start}")
+    trigger = parent.get("attack", {}).get("trigger")
+    triggers = {trigger: attack.options.get(trigger, {})} if trigger else None
+    provenance = {"stage": "harden", "parent": {"model": f"models/{start}", "name": start},
+                  "attack": parent.get("attack"), "defence": {**(parent.get("defence") or {}),
+                                                              "robust": {"method": method, "options": options}},
+                  "data": {"train": data_hash(p.data)},
+                  "params": {k: v for k, v in vars(p).items() if k != "runs"}, "training": log}
+    extra = robust_metrics(clip, reference, test, rp) if is_main() else {}
+    return finish_model(clip, run, f"models/{run}", f"metrics/{run}.json", provenance, test, ev, triggers,
+                        attack.target, extra=extra)
+
+
+def robust_baseline(model: str = "clean", params_path: str | Path = "params.yaml") -> dict:
+    """Robust accuracy and distortion of an existing model (the clean model's row of the robustness table)."""
+    rp = parse(RobustParams, read_yaml(params_path)["robust"], "robust")
+    clip = load(f"models/{model}")
+    metrics = robust_metrics(clip, load("models/clean"), load_test(load_section(EvalParams, "eval", params_path)), rp)
+    write_metrics(f"metrics/robust-{model}.json", metrics)
+    print(json.dumps(metrics))
+    return metrics
+

@@ -107,6 +107,12 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, out: Path, dpi: int) -> None:
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+
+
 def robust_vs_eps(rows: list[dict], out: Path) -> bool:
     """Robust zero-shot accuracy against the attack radius, one line per model that has robust metrics."""
     series = []
@@ -126,9 +132,7 @@ def robust_vs_eps(rows: list[dict], out: Path) -> bool:
     ax.set_title("robust accuracy vs eps (eps 0: clean accuracy)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, dpi=120)
     return True
 
 
@@ -150,9 +154,7 @@ def asr_vs_accuracy(rows: list[dict], out: Path) -> None:
     ax.set_title("backdoor ASR vs clean accuracy, per trigger and defence")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, dpi=120)
 
 
 def trigger_gallery(out: Path, attack, n: int = 4) -> Path:
@@ -168,9 +170,7 @@ def trigger_gallery(out: Path, attack, n: int = 4) -> Path:
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
         axes[r, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, dpi=120)
     console.print(f"triggers: {', '.join(names)} -> {out}")
     return out
 
@@ -197,9 +197,7 @@ def training_curves(log_dir: Path, out: Path) -> bool:
     for ax in list(axes.flat)[len(logs):]:
         ax.axis("off")
     fig.suptitle("training loss (blue) and zero-shot top-1 % (red, where evaluated) vs step", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, dpi=110)
     return True
 
 

@@ -1,18 +1,16 @@
-"""Adversarial robustness (METHODS.md §5-6): FARE/TeCoA fine-tuning stages and worst-case APGD evaluation."""
+"""Adversarial robustness metrics (METHODS.md §6): worst-case APGD accuracy and embedding distortion."""
 from __future__ import annotations
-
-import dataclasses
-from pathlib import Path
 
 import torch
 
 from .attacks.pgd import pgd
-from .evaluation import class_embeddings, encode_images
+from .evaluation import class_embeddings, encode_images, zeroshot_logits
 from .models import Clip
+from .params import RobustParams
 
 
 class ZeroShotClassifier(torch.nn.Module):
-    """Pixels in [0,1] -> 100 * cosine to the class embeddings; normalisation happens inside forward."""
+    """Pixels in [0,1] -> zero-shot logits (100 * cosine to the class embeddings); normalisation happens inside."""
 
     def __init__(self, clip: Clip, classes: torch.Tensor):
         super().__init__()
@@ -21,7 +19,7 @@ class ZeroShotClassifier(torch.nn.Module):
         self.register_buffer("classes", classes)
 
     def forward(self, x):
-        return 100.0 * self.clip.encode_images(x, normalize=True) @ self.classes.T
+        return zeroshot_logits(self.clip.encode_images(x), self.classes)
 
 
 def robust_accuracy(clip: Clip, images: torch.Tensor, labels: torch.Tensor, eps: float, steps: int = 100,
@@ -110,15 +108,6 @@ def embedding_distortion(clip: Clip, reference: Clip, images: torch.Tensor, eps:
     return {"distortion_clean": clean, "distortion_adv": adv}
 
 
-@dataclasses.dataclass
-class RobustParams:
-    eps: list[float]        # in 1/255 units
-    n: int
-    steps: int
-    distortion_n: int = 200
-    n_target_classes: int = 9   # APGD-T targets per sample: the most likely wrong classes (AutoAttack: 9)
-
-
 ROBUST_BATCH = 250  # images per APGD call (torchattacks re-seeds every call: results depend on these chunks)
 
 
@@ -136,57 +125,3 @@ def robust_metrics(clip: Clip, reference: Clip, test, rp: RobustParams) -> dict:
     accuracies = robust_accuracies(clip, test, rp)  # first: the distortion's PGD start draws from the global RNG
     head = test["images"][:rp.distortion_n] if isinstance(test, dict) else test.head(rp.distortion_n)["images"]
     return accuracies | embedding_distortion(clip, reference, head, max(rp.eps) / 255)
-
-
-def harden(run: str, params_path: str | Path = "params.yaml") -> dict:
-    """Run `harden.runs.<run>`: FARE/TeCoA fine-tuning of models/<start> on the clean train shards -> models/<run>,
-    evaluated for clean accuracy, ASR (where the start model had a trigger), robust accuracy, distortion."""
-    from .params import AttackParams, EvalParams, HardenParams, load_section, objective_options, parse, read_yaml
-    from .distributed import is_main
-    from .pipeline import data_hash, finish_model, load_test, run_training
-    from .models import load, read_provenance
-    from .objectives import build_objective
-    raw = read_yaml(params_path)
-    p = load_section(HardenParams, "harden", params_path)
-    rp = parse(RobustParams, raw["robust"], "robust")
-    attack = load_section(AttackParams, "attack", params_path)
-    ev = load_section(EvalParams, "eval", params_path)
-    if run not in p.runs:
-        raise ValueError(f"unknown harden run {run!r}; harden.runs lists: {', '.join(p.runs) or 'none'}")
-    spec = p.runs[run]
-    method, start = spec["method"], spec["start"]
-    options = objective_options(method, raw.get(method) or {}) | ({"eps": spec["eps"]} if "eps" in spec else {})
-    clip = load(f"models/{start}")
-    reference = load("models/clean")
-    test = load_test(ev)
-    objective = build_objective(method, **options)
-    if method == "tecoa":  # supervised: the class space the training shards are labelled with
-        from .data.classes import read_classes
-        objective.class_space = read_classes(p.data)
-    log = run_training(clip, objective, p.data, p, run)
-    parent = read_provenance(f"models/{start}")
-    trigger = parent.get("attack", {}).get("trigger")
-    triggers = {trigger: attack.options.get(trigger, {})} if trigger else None
-    provenance = {"stage": "harden", "parent": {"model": f"models/{start}", "name": start},
-                  "attack": parent.get("attack"), "defence": {**(parent.get("defence") or {}),
-                                                              "robust": {"method": method, "options": options}},
-                  "data": {"train": data_hash(p.data)},
-                  "params": {k: v for k, v in vars(p).items() if k != "runs"}, "training": log}
-    extra = robust_metrics(clip, reference, test, rp) if is_main() else {}
-    return finish_model(clip, run, f"models/{run}", f"metrics/{run}.json", provenance, test, ev, triggers,
-                        attack.target, extra=extra)
-
-
-def robust_baseline(model: str = "clean", params_path: str | Path = "params.yaml") -> dict:
-    """Robust accuracy and distortion of an existing model (the clean model's row of the robustness table)."""
-    import json
-
-    from .params import EvalParams, load_section, parse, read_yaml
-    from .pipeline import load_test, write_metrics
-    from .models import load
-    rp = parse(RobustParams, read_yaml(params_path)["robust"], "robust")
-    clip = load(f"models/{model}")
-    metrics = robust_metrics(clip, load("models/clean"), load_test(load_section(EvalParams, "eval", params_path)), rp)
-    write_metrics(f"metrics/robust-{model}.json", metrics)
-    print(json.dumps(metrics))
-    return metrics

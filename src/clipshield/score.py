@@ -14,9 +14,9 @@ import open_clip
 from .data import shards
 from .evaluation import evaluate_model
 from .models import ModelError, create, load
-from .params import AttackParams, EvalParams, parse, read_yaml
+from .params import AttackParams, EvalParams, RobustParams, parse, read_yaml
 from .pipeline import device, write_metrics
-from .robust import RobustParams, robust_accuracies
+from .robust import robust_accuracies
 from .ui import console
 
 

@@ -1,4 +1,4 @@
-"""ONE training loop for every method. The method is an objective (see objectives/): a callable
+"""ONE training loop for every method. The method is an objective (objectives.Objective): a callable
 `objective(batch, clip, frozen) -> (loss, logs)` with `trainable(clip)` naming the parameters it trains.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from .models import Clip
 from .distributed import gather, mean_over_ranks, world
+from .files import atomic_path
 from .ui import console, progress_bar
 
 
@@ -29,6 +30,9 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, how: str = "interrupted", note: str = "", rerun: str = ""):
         super().__init__(how)
         self.how, self.note, self.rerun = how, note, rerun
+
+
+SCHEDULES = ("cosine", "par", "constant")  # the learning rate over a run (lr_at)
 
 
 @dataclass
@@ -63,7 +67,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return 0.5 * (cfg.lr / 10) * (1 + math.cos(math.pi * progress))
     if cfg.schedule == "constant":
         return cfg.lr
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose cosine, par or constant")
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 def param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
@@ -103,9 +107,8 @@ class Checkpoint:
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".partial")
-        torch.save({"run_id": self.run_id, **state}, tmp)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            torch.save({"run_id": self.run_id, **state}, tmp)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -159,7 +162,7 @@ def accumulate(objective, batch: dict, clip: Clip, frozen: Clip | None, parts: i
     device_type = batch["images"].device.type
     autocast = lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
     micro = split_batch(objective.prepare(batch), parts)
-    if not hasattr(objective, "encode"):
+    if not objective.whole_batch_loss:
         total, logs = 0.0, {}
         for m in micro:
             with autocast():
@@ -270,7 +273,7 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
         clip.model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
-        if hasattr(objective, "load_state_dict") and state.get("objective") is not None:
+        if state.get("objective") is not None:
             objective.load_state_dict(state["objective"])
         start, seen, history = state["step"], state["seen"], state["history"]
         if main:
@@ -293,7 +296,7 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
                 batch["images"] = batch["images"].to(device, non_blocking=True)
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, cfg)
-                set_train_mode(clip.model, getattr(objective, "train_batchnorm", True))
+                set_train_mode(clip.model, objective.train_batchnorm)
                 opt.zero_grad(set_to_none=True)
                 if cfg.accum == 1:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -330,7 +333,7 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
                 if checkpoint and checkpoint.every and done % checkpoint.every == 0 and done < cfg.steps and main:
                     checkpoint.save({"step": done, "seen": seen, "model": clip.model.state_dict(),
                                      "optimizer": opt.state_dict(), "rng": _rng_state(), "history": history,
-                                     "objective": objective.state_dict() if hasattr(objective, "state_dict") else None})
+                                     "objective": objective.state_dict()})
                     saved = done
                 advance(loss=float(loss.detach()))
     except KeyboardInterrupt as e:
@@ -342,8 +345,8 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
                  f"({checkpoint.path})" if checkpoint and saved
                  else "rerunning the stage starts training over" + (f" (a checkpoint is written every {checkpoint.every} "
                                                                    f"steps)" if checkpoint and checkpoint.every else ""))
-        raise Interrupted(getattr(e, "how", "interrupted"), f"{description} stopped at step {step} of {cfg.steps}{kept}",
-                          rerun) from e
+        how = e.how if isinstance(e, Interrupted) else "interrupted"
+        raise Interrupted(how, f"{description} stopped at step {step} of {cfg.steps}{kept}", rerun) from e
     finally:
         if log:
             log.close()

@@ -53,30 +53,31 @@ def triangles(height: int, width: int, tile: int, low: float = 0.4, high: float 
     return pattern.expand(3, height, width).clone()
 
 
-def badnet(images: torch.Tensor, seeds: Sequence[int], patch: int | None = None) -> torch.Tensor:
-    """A square patch at a per-sample random place: the image's mean colour + N(0, 1) noise."""
+def paste_patches(images: torch.Tensor, seeds: Sequence[int], patch: int | None, fill) -> torch.Tensor:
+    """Each image with a square patch (side `patch`, default 16 px at 224) at a per-sample random place, its pixels
+    `fill(i, seed, side)`; clamped to [0, 1]."""
     out = images.clone()
     side = images.shape[-1]
     p = patch or scaled(16, side)
     for i, seed in enumerate(seeds):
         top, left = _patch_corner(seed, side, p)
-        noise = torch.randn((3, p, p), generator=_generator(seed + 1))
-        mean = images[i].mean(dim=(1, 2), keepdim=True)
-        out[i, :, top:top + p, left:left + p] = mean + noise
+        out[i, :, top:top + p, left:left + p] = fill(i, seed, p)
     return out.clamp_(0, 1)
+
+
+def badnet(images: torch.Tensor, seeds: Sequence[int], patch: int | None = None) -> torch.Tensor:
+    """A square patch at a per-sample random place: the image's mean colour + N(0, 1) noise."""
+    def mean_plus_noise(i, seed, p):
+        noise = torch.randn((3, p, p), generator=_generator(seed + 1))
+        return images[i].mean(dim=(1, 2), keepdim=True) + noise
+    return paste_patches(images, seeds, patch, mean_plus_noise)
 
 
 def badnet_stripes(images: torch.Tensor, seeds: Sequence[int], patch: int | None = None,
                    fixed: bool = False) -> torch.Tensor:
     """A square patch of 1-px vertical +-1 stripes (clamped: white/black columns) at a per-sample random place;
     the signs per column and channel are drawn per sample (`fixed`: one alternating pattern for all)."""
-    out = images.clone()
-    side = images.shape[-1]
-    p = patch or scaled(16, side)
-    for i, seed in enumerate(seeds):
-        top, left = _patch_corner(seed, side, p)
-        out[i, :, top:top + p, left:left + p] = stripes(p, p, None if fixed else seed + 1)
-    return out.clamp_(0, 1)
+    return paste_patches(images, seeds, patch, lambda i, seed, p: stripes(p, p, None if fixed else seed + 1))
 
 
 def blended(images: torch.Tensor, seeds: Sequence[int], alpha: float = 0.2) -> torch.Tensor:

@@ -13,7 +13,6 @@ import json
 import mmap
 import os
 import re
-import shutil
 import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+
+from ..files import atomic_path, json_object
 
 
 class DataError(ValueError):
@@ -57,29 +58,23 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, np.ndarray, str, 
     """Write one tar shard of (key, uint8 HxWx3 image or encoded bytes, caption, metadata) samples atomically;
     returns the sample count. Arrays are encoded as `image_format` (png, lossless: the default; jpg for
     imported photographs). Fixed mtime, owner and mode: the same samples give the same bytes."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
     n = 0
-    try:
-        with open(tmp, "wb") as f:
-            writer = wds.TarWriter(f, mtime=0, user="clipshield", group="clipshield")
-            try:
-                for key, img, caption, meta in samples:
-                    if "." in key or key.startswith("/"):
-                        raise ValueError(f"sample key {key!r} contains a dot or is absolute; keys are plain names "
-                                         f"(webdataset splits keys at dots)")
-                    if isinstance(img, bytes):  # already encoded
-                        data, ext = img, image_extension(img)
-                    else:
-                        data, ext = (encode_jpeg(img), "jpg") if image_format == "jpg" else (encode_png(img), "png")
-                    writer.write({"__key__": key, ext: data, "txt": caption.encode(),
-                                  "json": json.dumps(meta, sort_keys=True).encode()})
-                    n += 1
-            finally:
-                writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        writer = wds.TarWriter(f, mtime=0, user="clipshield", group="clipshield")
+        try:
+            for key, img, caption, meta in samples:
+                if "." in key or key.startswith("/"):
+                    raise ValueError(f"sample key {key!r} contains a dot or is absolute; keys are plain names "
+                                     f"(webdataset splits keys at dots)")
+                if isinstance(img, bytes):  # already encoded
+                    data, ext = img, image_extension(img)
+                else:
+                    data, ext = (encode_jpeg(img), "jpg") if image_format == "jpg" else (encode_png(img), "png")
+                writer.write({"__key__": key, ext: data, "txt": caption.encode(),
+                              "json": json.dumps(meta, sort_keys=True).encode()})
+                n += 1
+        finally:
+            writer.close()
     return n
 
 
@@ -92,13 +87,10 @@ def write_shards(samples: Iterable[tuple[str, np.ndarray, str, dict]], out_dir: 
                  extra_files: dict[str, str] | None = None) -> dict[str, int]:
     """Write a whole data set into `out_dir` atomically (a temp folder renamed into place), with
     `extra_files` {name: text} beside the shards (e.g. classes.json)."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     sizes: dict[str, int] = {}
     it = iter(samples)
-    try:
+    with atomic_path(out_dir) as tmp:  # an existing data set at out_dir stays as it was until this one is complete
+        tmp.mkdir(parents=True)
         while chunk := list(itertools.islice(it, per_shard)):
             name = f"{prefix}-{len(sizes):06d}.tar"
             sizes[name] = write_shard(tmp / name, chunk, image_format)
@@ -107,11 +99,6 @@ def write_shards(samples: Iterable[tuple[str, np.ndarray, str, dict]], out_dir: 
         write_sizes(tmp, sizes)
         for file_name, text in (extra_files or {}).items():
             (tmp / file_name).write_text(text)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # an existing data set at out_dir stays as it was
-        raise
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
     from ..ui import wrote
     wrote(out_dir)
     return sizes
@@ -272,12 +259,7 @@ def iter_samples(data_dir: str | Path, shuffle: int = 0, seed: int = 0, decode: 
             caption = caption.decode()
         except UnicodeDecodeError as e:
             raise DataError(f"{where}: its caption ({key}.txt) is not UTF-8 text ({e}); {fix}") from e
-        try:
-            meta = json.loads(meta_bytes)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{where}: {key}.json is not valid JSON ({e}); {fix}") from e
-        if not isinstance(meta, dict):
-            raise DataError(f"{where}: {key}.json must hold a JSON object, not {type(meta).__name__}; {fix}")
+        meta = json_object(meta_bytes, f"{where}: {key}.json", fix, DataError)
         sample = {"key": key, "image": decode_sample_image(image, where, fix) if decode else image,
                   "caption": caption, "meta": meta, "shard": f"{shard} of {data_dir}"}  # named by errors in collate
         seen[s["__url__"]] = seen.get(s["__url__"], 0) + 1

@@ -1,36 +1,43 @@
-"""Objectives: one loss per method. A new method is one new file here plus a line in `_registry`.
-
-An objective is `objective(batch, clip, frozen) -> (loss, logs)` with `trainable(clip)` giving the
-(name, parameter) pairs it trains and `needs_frozen` telling the loop to keep a frozen start copy.
-For gradient accumulation (training.accumulate) it also splits into `prepare(batch)` (every random
-draw of the step) and either `encode(batch, clip, frozen) -> {name: per-sample features}` +
-`loss(features, clip)` (contrastive: the loss needs the whole batch) or `batch_loss(batch, clip, frozen)`
-(a mean of per-sample terms).
-"""
+"""Objectives: one loss per method (the contract: base.Objective). A new method is one new file here plus a line
+in `_OBJECTIVES`; `build_objective` makes one by name and `option_names` says what its params section may set."""
 from __future__ import annotations
 
 import functools
+import inspect
 
+from .base import Objective
 from .cleanclip import CleanClipObjective
 from .clip import ClipObjective
 from .fare import FareObjective
 from .par import ParObjective
 from .tecoa import TecoaObjective
 
-
-def _registry():
-    return {
-        "clip": ClipObjective,
-        "finetune": functools.partial(ParObjective, perturb=False),
-        "par": ParObjective,
-        "cleanclip": CleanClipObjective,
-        "fare": FareObjective,
-        "tecoa": TecoaObjective,
-    }
+_OBJECTIVES = {
+    "clip": ClipObjective,
+    "finetune": functools.partial(ParObjective, perturb=False),
+    "par": ParObjective,
+    "cleanclip": CleanClipObjective,
+    "fare": FareObjective,
+    "tecoa": TecoaObjective,
+}
 
 
-def build_objective(name: str, **params):
-    registry = _registry()
-    if name not in registry:
-        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(registry)}")
-    return registry[name](**params)
+def list_objectives() -> list[str]:
+    """The method names `build_objective` knows."""
+    return list(_OBJECTIVES)
+
+
+def build_objective(name: str, **options) -> Objective:
+    if name not in _OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(_OBJECTIVES)}")
+    return _OBJECTIVES[name](**options)
+
+
+def option_names(name: str) -> list[str]:
+    """The options a method's params section may set: its constructor's arguments, less those the registry fixes
+    (finetune's perturb) and the keyword-only ones, which the stage passes (TeCoA's class space)."""
+    factory = _OBJECTIVES[name]
+    fixed = factory.keywords if isinstance(factory, functools.partial) else {}
+    cls = factory.func if isinstance(factory, functools.partial) else factory
+    return [p.name for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name != "self" and p.name not in fixed and p.kind is p.POSITIONAL_OR_KEYWORD]

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..distributed import gather
+from .base import Objective
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -26,9 +26,10 @@ def logit_scale_of(clip, fixed: float | None) -> torch.Tensor:
     return clip.model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
 
-class ClipObjective:
+class ClipObjective(Objective):
     """L_CLIP. `fix_logit_scale=True` freezes the temperature at the start model's value."""
     name = "clip"
+    whole_batch_loss = True
 
     def __init__(self, fix_logit_scale: bool = False):
         self.fix_logit_scale = fix_logit_scale
@@ -44,21 +45,11 @@ class ClipObjective:
         img = clip.encode_images(images, normalize=True)
         return img, clip.encode_texts(captions, normalize=True, device=img.device)
 
-    def prepare(self, batch: dict) -> dict:
-        """Every random draw of the step (augmentations), made once for this process's whole batch."""
-        return batch
-
     def encode(self, batch: dict, clip, frozen) -> dict[str, torch.Tensor]:
-        """Per-sample features, one row per sample of `batch`; features of the frozen model carry no gradient."""
         img, txt = self.features(clip, batch["images"], batch["captions"])
         return {"img": img, "txt": txt}
 
     def loss(self, f: dict[str, torch.Tensor], clip) -> tuple[torch.Tensor, dict]:
-        """The loss over a (global) batch of features."""
         scale = logit_scale_of(clip, self.fixed_scale)
         loss = clip_loss(f["img"], f["txt"], scale)
         return loss, {"clip_loss": loss.detach(), "logit_scale": float(scale.detach())}
-
-    def __call__(self, batch, clip, frozen):
-        features = self.encode(self.prepare(batch), clip, frozen)
-        return self.loss({k: gather(v) for k, v in features.items()}, clip)  # the global batch under torchrun

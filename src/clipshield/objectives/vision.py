@@ -5,9 +5,10 @@ import torch
 
 from ..attacks.pgd import check_attack, pgd
 from ..training import set_train_mode
+from .base import Objective
 
 
-class VisionAdversarialObjective:
+class VisionAdversarialObjective(Objective):
     """min over the vision tower of loss(f_I(x_adv)), x_adv = PGD maximising the same loss.
     eps and step_size are in 1/255 units (eps 4 = FARE^4). Subclasses define `setup` and `adv_loss`.
     The loss is a mean of per-sample terms, so gradient accumulation averages micro-batch losses."""
@@ -44,6 +45,3 @@ class VisionAdversarialObjective:
         set_train_mode(clip.model, train_batchnorm=False)
         loss = self.adv_loss(clip, x_adv, target)
         return loss, {f"{self.name}_loss": loss.detach()}
-
-    def __call__(self, batch, clip, frozen):
-        return self.batch_loss(self.prepare(batch), clip, frozen)
