@@ -414,9 +414,13 @@ def _constraints(v: dict) -> list[str]:
             need(t in TRIGGERS, "attack.options", t, f"options are keyed by trigger: {', '.join(TRIGGERS)}")
             if t in TRIGGERS:
                 out += _trigger_option_problems(t, opts, TRIGGERS[t].options, v["data"].image_size if "data" in v else None)
-        if classes is not None:
-            need(a.target in classes.names, "attack.target", a.target,
-                 f"choose a class of the data set ({classes.source}): {classes.listing()}")
+        if classes is not None and a.target in classes.names:
+            try:
+                classes.index(a.target)
+            except ValueError as e:
+                out.append(f"attack.target: {e}")
+        elif classes is not None:
+            need(False, "attack.target", a.target, f"choose a class of the data set ({classes.source}): {classes.listing()}")
     if "poison" in v:
         need(0 <= v["poison"].rate <= 1, "poison.rate", v["poison"].rate, "use a fraction in [0, 1]")
     if "backdoor" in v:
