@@ -517,6 +517,32 @@ def _method_problems(raw: dict) -> list[str]:
     return out
 
 
+SYNTH_DIR = "data/synth"
+
+
+def _model_side(parsed: dict) -> int | None:
+    """The input side of pretrain.model's config (None: a local-dir model or no pretrain section)."""
+    import open_clip
+
+    from . import models  # noqa: F401  (registers clipshield's configs)
+    m = parsed["pretrain"].model if "pretrain" in parsed else "local-dir:"
+    cfg = None if m.startswith("local-dir:") else open_clip.get_model_config(m)
+    side = cfg["vision_cfg"]["image_size"] if cfg else None
+    return side[0] if isinstance(side, (list, tuple)) else side
+
+
+def _synth_size_problems(synth: dict, parsed: dict) -> list[str]:
+    """The synthetic pairs train the model (clean.data or harden.data at data/synth): they must be at its input size,
+    which training checks only when the cleaning stage starts (hours into a paper run)."""
+    users = [f"{s}.data" for s in ("clean", "harden") if s in parsed and parsed[s].data.rstrip("/") == SYNTH_DIR]
+    size = parsed["data"].image_size if "data" in parsed else None
+    if not users or size is None or synth["image_size"] == size or _model_side(parsed) not in (None, size):
+        return []  # (a data.image_size the model does not take is a problem of its own)
+    return [f"`synth.image_size` = {synth['image_size']} is not allowed; {' and '.join(users)} train the {size}-px model "
+            f"(data.image_size) on {SYNTH_DIR}: set synth.image_size: {size} (generated at synth.height x synth.width, "
+            f"then resized)"]
+
+
 def validate(raw: dict) -> list[str]:
     """Every problem of a whole params file at once (empty: valid)."""
     problems, parsed = [], {}
@@ -540,9 +566,11 @@ def validate(raw: dict) -> list[str]:
     if "synth" in raw:
         from .data.synth import resolve_params
         try:
-            resolve_params(raw["synth"])
+            synth = resolve_params(raw["synth"])
         except ValueError as e:
             problems.append(f"synth: {e}")
+        else:
+            problems += _synth_size_problems(synth, parsed)
     else:
         problems.append("params.yaml has no `synth` section; restore it from git or a profile")
     return problems
