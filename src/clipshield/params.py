@@ -251,6 +251,9 @@ class BackdoorParams(TrainParams):
 class EvalParams:
     test_n: int
     retrieval_n: int
+    # A cheaper zero-shot head for quick runs (CPU checks of the paper path; not comparable to the papers' numbers):
+    classes: str = "all"      # all: the test set's class space | present: only the classes labelling its scored samples
+    templates: int = 0        # prompt templates per class: 0 all (OpenAI's 80 for ImageNet), N the first N
 
 
 @dataclasses.dataclass
@@ -391,6 +394,10 @@ def _constraints(v: dict) -> list[str]:
     if "eval" in v:
         for k in ("test_n", "retrieval_n"):
             need(getattr(v["eval"], k) >= 1, f"eval.{k}", getattr(v["eval"], k), "use a whole number >= 1")
+        need(v["eval"].classes in ("all", "present"), "eval.classes", v["eval"].classes,
+             "choose all (the test set's class space) or present (only the classes labelling the scored samples)")
+        need(v["eval"].templates >= 0, "eval.templates", v["eval"].templates,
+             "use 0 (every template of the class space) or the number of templates to keep")
     if "pretrain" in v:
         import open_clip
 
