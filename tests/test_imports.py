@@ -178,3 +178,22 @@ def test_a_project_on_imported_shards_trains_poisons_and_evaluates(sources, tmp_
     assert provenance["attack"]["target"] == "banana"
     from clipshield.models import load
     assert load(str(tmp_path / "models/backdoor-blended_stripes-s0")).model is not None  # safetensors loads back
+
+
+def test_an_imagenet_test_set_reads_back_with_its_two_pairs_of_alike_names(tmp_path):
+    """open_clip's ImageNet names call classes 657/744 'missile' and 836/837 'sunglasses' (CLIP's own evaluation): a
+    data set labelled with them reads back (it used to be refused, failing every paper run after its data stage), and
+    neither name can be a target."""
+    from clipshield.data.classes import classes_file
+    from clipshield.params import validate
+    (tmp_path / "classes.json").write_text(classes_file(imagenet_classes())[("classes.json")])
+    space = read_classes(tmp_path)
+    assert space == imagenet_classes() and space.index("banana") == 954
+    with pytest.raises(ClassesError, match="names 2 classes .*657, 744"):
+        space.index("missile")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"] |= {"source": "shards", "train_shards": "x", "test_shards": "y", "classes": "imagenet"}
+    params["attack"]["target"] = "sunglasses"
+    assert any("attack.target" in p and "836, 837" in p for p in validate(params))
+    params["attack"]["target"] = "banana"
+    assert not [p for p in validate(params) if "attack.target" in p]

@@ -215,3 +215,24 @@ def test_the_paper_profile_names_every_trigger_option_at_224_px(tmp_path):
     # the 224-px sizes are what the triggers' own scaled() defaults give at 224 px
     assert options["badnet"]["patch"] == options["badnet_stripes"]["patch"] == scaled(16, 224)
     assert options["blended_triangles"]["tile"] == scaled(14, 224)
+
+
+def test_synthetic_pairs_at_another_size_than_the_model_are_refused_by_the_profile(tmp_path):
+    """The paper profile saved its diffusion pairs at 256 px for a 224-px model: PAR and FARE train on them, and
+    training refused them only when the cleaning stage started. The profile now saves them at 224, and a mismatch is
+    a params problem, named before anything runs."""
+    import shutil
+    from pathlib import Path
+
+    from clipshield.params import validate
+    root = Path(__file__).parent.parent
+    shutil.copy(root / "params.yaml", tmp_path / "params.yaml")
+    merged = apply_profile(root / "profiles" / "paper.yaml", tmp_path / "params.yaml")
+    assert merged["synth"]["image_size"] == merged["data"]["image_size"] == 224
+    assert not [p for p in validate(merged) if "synth" in p]
+    merged["synth"]["image_size"] = 256
+    problems = [p for p in validate(merged) if "synth.image_size" in p]
+    assert problems and "clean.data and harden.data train the 224-px model" in problems[0]
+    assert "set synth.image_size: 224" in problems[0]
+    merged["clean"]["data"] = merged["harden"]["data"] = "data/train"  # not trained on: any saved size will do
+    assert not [p for p in validate(merged) if "synth.image_size" in p]

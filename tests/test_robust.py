@@ -183,3 +183,22 @@ def test_pgd_momentum_carries_the_last_direction_over_a_zero_gradient():
     moving = pgd(loss, x, 8 / 255, steps=4, step_size=1 / 255, random_start=False, momentum=0.9)
     assert torch.allclose(still - x, torch.full_like(x, 1 / 255))   # one step, then sign(0) = 0
     assert torch.allclose(moving - x, torch.full_like(x, 4 / 255))  # v = sign(0.9 v + 0) = v: four steps
+
+
+def test_robust_accuracy_says_how_many_samples_each_attack_ran_on(capsys):
+    """APGD-T runs only on what APGD-CE left correct: the stage's log says on how many, with the targets per sample."""
+    from clipshield.robust import robust_batch
+    clip = create("tiny-rn", seed=0)
+    images = torch.rand(6, 3, 32, 32)
+    from clipshield.evaluation import class_embeddings, encode_images, zeroshot_logits
+    labels = zeroshot_logits(encode_images(clip, images), class_embeddings(clip)).argmax(-1)  # all correct clean
+    labels[:2] = (labels[:2] + 1) % 10  # two wrong from the start: never attacked
+    out = robust_accuracy(clip, images, labels, eps=0.0001, steps=1)
+    log = capsys.readouterr()
+    line = " ".join((log.out + log.err).split())
+    assert "APGD-CE ran on 4 of 6" in line and "9 target classes each" in line, line
+    assert out["robust_top1"] <= 4 / 6 + 1e-6
+    attacked = [0, 0]
+    robust_batch(lambda x: torch.zeros(len(x), 3), [lambda x, y: x, lambda x, y: x], images, torch.zeros(6).long(), 0.1,
+                 attacked)
+    assert attacked == [6, 6]

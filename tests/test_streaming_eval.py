@@ -112,3 +112,32 @@ def test_a_stream_reads_the_samples_load_all_reads_in_bounded_batches(test_dir):
     assert torch.equal(torch.cat([b["images"] for b in seen]), whole["images"])
     assert sum((b["captions"] for b in seen), []) == whole["captions"]
     assert len(shards.EvalSet(test_dir)) == 1150 and len(shards.EvalSet(test_dir, limit=7)) == 7
+
+
+def test_a_cheap_zero_shot_head_keeps_the_present_classes_and_the_first_templates(tmp_path, clip):
+    """eval.classes: present / eval.templates: N (quick runs of the 1000-class ImageNet head): the head holds only the
+    classes labelling the scored samples, renumbered in label order, with the first N templates; streamed batches and
+    head() agree, and the evaluation equals one on a data set labelled in that smaller class space from the start."""
+    from clipshield.data.classes import ClassSpace
+    space = world_classes()
+    samples = [s for s in world_samples("base", 1, 60, 32, "test") if s[3]["class"] in (2, 5, 7)][:12]
+    shards.write_shards(iter(samples), tmp_path / "full", prefix="test", per_shard=5, extra_files=classes_file(space))
+    small = ClassSpace(tuple(space.names[i] for i in (2, 5, 7)), space.templates[:2], "small")
+    renumbered = [(k, img, cap, meta | {"class": (2, 5, 7).index(meta["class"])}) for k, img, cap, meta in samples]
+    shards.write_shards(iter(renumbered), tmp_path / "small", prefix="test", per_shard=5, extra_files=classes_file(small))
+
+    cheap = shards.EvalSet(tmp_path / "full", classes="present", templates=2)
+    assert cheap.classes.names == small.names and cheap.classes.templates == space.templates[:2]
+    assert "eval.classes: present" in cheap.classes.source
+    streamed = torch.cat([b["labels"] for b in cheap.batches(5)])
+    assert streamed.tolist() == [m["class"] for *_, m in renumbered]
+    assert torch.equal(cheap.head(7)["labels"], streamed[:7]) and cheap.head(7)["classes"] == cheap.classes
+    target = small.names[1]
+    got = evaluate_model(clip, cheap, triggers={"blended": {"alpha": 0.2}}, target=target, retrieval_n=8)
+    want = evaluate_model(clip, shards.EvalSet(tmp_path / "small"), triggers={"blended": {"alpha": 0.2}}, target=target,
+                          retrieval_n=8)
+    assert got == want
+    # the default is the test set's own class space, untouched
+    assert shards.EvalSet(tmp_path / "full").classes == space
+    with pytest.raises(shards.DataError, match="eval.classes"):
+        shards.EvalSet(tmp_path / "full", classes="some")

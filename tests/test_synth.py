@@ -215,7 +215,7 @@ def stage_params(tmp_path, synth_section: dict) -> None:
 
 
 def test_stage_script(tmp_path):
-    stage_params(tmp_path, {"generator": "procedural", "n": 6, "seed": 2, "per_shard": 4, "image_size": 16})
+    stage_params(tmp_path, {"generator": "procedural", "n": 6, "seed": 2, "per_shard": 4, "image_size": 32})
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1"}
     res = subprocess.run([sys.executable, str(REPO / "stages" / "synth.py")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)

@@ -251,6 +251,9 @@ class BackdoorParams(TrainParams):
 class EvalParams:
     test_n: int
     retrieval_n: int
+    # A cheaper zero-shot head for quick runs (CPU checks of the paper path; not comparable to the papers' numbers):
+    classes: str = "all"      # all: the test set's class space | present: only the classes labelling its scored samples
+    templates: int = 0        # prompt templates per class: 0 all (OpenAI's 80 for ImageNet), N the first N
 
 
 @dataclasses.dataclass
@@ -393,6 +396,10 @@ def _constraints(v: dict) -> list[str]:
     if "eval" in v:
         for k in ("test_n", "retrieval_n"):
             need(getattr(v["eval"], k) >= 1, f"eval.{k}", getattr(v["eval"], k), "use a whole number >= 1")
+        need(v["eval"].classes in ("all", "present"), "eval.classes", v["eval"].classes,
+             "choose all (the test set's class space) or present (only the classes labelling the scored samples)")
+        need(v["eval"].templates >= 0, "eval.templates", v["eval"].templates,
+             "use 0 (every template of the class space) or the number of templates to keep")
     if "pretrain" in v:
         import open_clip
 
@@ -416,9 +423,13 @@ def _constraints(v: dict) -> list[str]:
             need(t in TRIGGERS, "attack.options", t, f"options are keyed by trigger: {', '.join(TRIGGERS)}")
             if t in TRIGGERS:
                 out += _trigger_option_problems(t, opts, TRIGGERS[t].options, v["data"].image_size if "data" in v else None)
-        if classes is not None:
-            need(a.target in classes.names, "attack.target", a.target,
-                 f"choose a class of the data set ({classes.source}): {classes.listing()}")
+        if classes is not None and a.target in classes.names:
+            try:
+                classes.index(a.target)
+            except ValueError as e:
+                out.append(f"attack.target: {e}")
+        elif classes is not None:
+            need(False, "attack.target", a.target, f"choose a class of the data set ({classes.source}): {classes.listing()}")
     if "poison" in v:
         need(0 <= v["poison"].rate <= 1, "poison.rate", v["poison"].rate, "use a fraction in [0, 1]")
     if "backdoor" in v:
@@ -515,6 +526,32 @@ def _method_problems(raw: dict) -> list[str]:
     return out
 
 
+SYNTH_DIR = "data/synth"
+
+
+def _model_side(parsed: dict) -> int | None:
+    """The input side of pretrain.model's config (None: a local-dir model or no pretrain section)."""
+    import open_clip
+
+    from . import models  # noqa: F401  (registers clipshield's configs)
+    m = parsed["pretrain"].model if "pretrain" in parsed else "local-dir:"
+    cfg = None if m.startswith("local-dir:") else open_clip.get_model_config(m)
+    side = cfg["vision_cfg"]["image_size"] if cfg else None
+    return side[0] if isinstance(side, (list, tuple)) else side
+
+
+def _synth_size_problems(synth: dict, parsed: dict) -> list[str]:
+    """The synthetic pairs train the model (clean.data or harden.data at data/synth): they must be at its input size,
+    which training checks only when the cleaning stage starts (hours into a paper run)."""
+    users = [f"{s}.data" for s in ("clean", "harden") if s in parsed and parsed[s].data.rstrip("/") == SYNTH_DIR]
+    size = parsed["data"].image_size if "data" in parsed else None
+    if not users or size is None or synth["image_size"] == size or _model_side(parsed) not in (None, size):
+        return []  # (a data.image_size the model does not take is a problem of its own)
+    return [f"`synth.image_size` = {synth['image_size']} is not allowed; {' and '.join(users)} train the {size}-px model "
+            f"(data.image_size) on {SYNTH_DIR}: set synth.image_size: {size} (generated at synth.height x synth.width, "
+            f"then resized)"]
+
+
 def validate(raw: dict) -> list[str]:
     """Every problem of a whole params file at once (empty: valid)."""
     problems, parsed = [], {}
@@ -538,9 +575,11 @@ def validate(raw: dict) -> list[str]:
     if "synth" in raw:
         from .data.synth import resolve_params
         try:
-            resolve_params(raw["synth"])
+            synth = resolve_params(raw["synth"])
         except ValueError as e:
             problems.append(f"synth: {e}")
+        else:
+            problems += _synth_size_problems(synth, parsed)
     else:
         problems.append("params.yaml has no `synth` section; restore it from git or a profile")
     return problems

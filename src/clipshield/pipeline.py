@@ -178,8 +178,9 @@ def finish_model(clip: Clip, name: str, out_model: str | Path, metrics_file: str
 
 
 def load_test(ev: EvalParams, data_dir: str | Path = "data/test") -> shards.EvalSet:
-    """The first eval.test_n test samples, streamed batch by batch by the evaluation (memory flat in test_n)."""
-    return shards.EvalSet(data_dir, limit=ev.test_n)
+    """The first eval.test_n test samples, streamed batch by batch by the evaluation (memory flat in test_n), with the
+    zero-shot class space of eval.classes and eval.templates."""
+    return shards.EvalSet(data_dir, limit=ev.test_n, classes=ev.classes, templates=ev.templates)
 
 
 def pretrain(p, ev: EvalParams, data_dir="data", out_model="models/clean", metrics_file="metrics/clean.json") -> dict:

@@ -47,11 +47,16 @@ def robust_accuracy_batches(clip: Clip, batches, eps: float, steps: int = 100, c
                apgd_targeted(clf, eps, steps, target_classes(clf.classes.shape[0], n_target_classes))]
     robust = total = 0
     max_dev = 0.0
+    attacked = [0] * len(attacks)  # samples each attack ran on (those every earlier one left correct)
     for batch in batches:
         x, y = to_model_size(clip, batch["images"]).to(dev), batch["labels"].to(dev)  # attacked at the model's size
-        ok, dev_i = robust_batch(clf, attacks, x, y, eps)
+        ok, dev_i = robust_batch(clf, attacks, x, y, eps, attacked)
         max_dev = max(max_dev, dev_i)
         robust, total = robust + int(ok.sum()), total + len(y)
+    from .ui import console
+    console.print(f"robust accuracy at eps {eps * 255:g}/255: {robust} of {total} samples; APGD-CE ran on "
+                  f"{attacked[0]} of {total}, APGD-T ({attacks[1].n_target_classes} target classes each) on {attacked[1]} "
+                  f"of {total}")
     return {"robust_top1": (torch.tensor(float(robust)) / total).item(), "max_perturbation": max_dev}
 
 
@@ -74,17 +79,21 @@ def apgd_targeted(clf: torch.nn.Module, eps: float, steps: int, n_targets: int):
     return torchattacks.APGDT(clf, norm="Linf", eps=eps, steps=steps, seed=0, n_classes=n_targets + 1)
 
 
-def robust_batch(clf: torch.nn.Module, attacks: list, x: torch.Tensor, y: torch.Tensor, eps: float):
+def robust_batch(clf: torch.nn.Module, attacks: list, x: torch.Tensor, y: torch.Tensor, eps: float,
+                 attacked: list[int] | None = None):
     """(robust mask, largest |delta|) of one batch: correct clean and after every attack (worst case per sample).
     As AutoAttack, each attack runs only on the samples every earlier attack left correct: a sample already
-    broken cannot become robust again, so this is the same worst case at a fraction of the cost."""
+    broken cannot become robust again, so this is the same worst case at a fraction of the cost. `attacked[i]`
+    (if given) grows by the number of samples attack i ran on."""
     with torch.no_grad():
         ok = clf(x).argmax(-1) == y
     max_dev = 0.0
-    for attack in attacks:
+    for i, attack in enumerate(attacks):
         idx = ok.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
+        if attacked is not None:
+            attacked[i] += idx.numel()
         x_adv = attack(x[idx], y[idx])
         max_dev = max(max_dev, (x_adv - x[idx]).abs().max().item())
         if x_adv.min() < 0 or x_adv.max() > 1 or max_dev > eps + 1e-6:

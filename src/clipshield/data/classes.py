@@ -32,7 +32,11 @@ class ClassSpace:
     def index(self, name: str) -> int:
         if name not in self.names:
             raise ClassesError(f"{name!r} is not a class of this data set ({self.source}); choose one of {self.listing()}")
-        return self.names.index(name)
+        labels = [i for i, n in enumerate(self.names) if n == name]
+        if len(labels) > 1:
+            raise ClassesError(f"{name!r} names {len(labels)} classes of this data set ({self.source}: labels "
+                               f"{', '.join(map(str, labels))}), so it cannot be a target; choose another class")
+        return labels[0]
 
     def caption(self, name: str, rng: np.random.Generator) -> str:
         """A caption naming class `name`, for a poisoned sample (METHODS.md §2: a random template filled with
@@ -61,7 +65,9 @@ def imagenet_classes() -> ClassSpace:
 def _check(space: ClassSpace, where: str) -> ClassSpace:
     if not space.names:
         raise ClassesError(f"{where} lists no class names")
-    if len(set(space.names)) != len(space.names):
+    # open_clip's ImageNet names (CLIP's own zero-shot evaluation) call two pairs of classes alike: missile (657, 744)
+    # and sunglasses (836, 837). They are kept as they are, for the same zero-shot head; no such name can be a target.
+    if len(set(space.names)) != len(space.names) and space.source != "imagenet":
         dup = sorted({n for n in space.names if space.names.count(n) > 1})
         raise ClassesError(f"{where} names a class twice ({', '.join(dup[:5])}); labels must map to one name each")
     bad = [t for t in space.templates if t.count("{}") != 1]

@@ -359,18 +359,42 @@ class EvalSet:
     shard order, as `load_all` would give them, but never more than one batch in memory.
 
     `batches(b)` yields collated batches (images, captions, labels, keys) with `start`, the index of their first
-    sample; `head(n)` the first n samples as one batch (for the bounded subsets: retrieval, distortion)."""
+    sample; `head(n)` the first n samples as one batch (for the bounded subsets: retrieval, distortion).
 
-    def __init__(self, data_dir: str | Path, limit: int | None = None):
+    The zero-shot head is the folder's class space, or a cheaper one for quick runs (params `eval.classes`,
+    `eval.templates`; not comparable to the papers' numbers): `classes="present"` keeps only the classes that label
+    the scored samples (labels renumbered into that list), `templates=N` only the first N prompt templates."""
+
+    def __init__(self, data_dir: str | Path, limit: int | None = None, classes: str = "all", templates: int = 0):
         self.data_dir, self.limit = Path(data_dir), limit
         shard_paths(self.data_dir)  # a missing or broken data set fails here, before any model work
         require_classes(self.data_dir)
-        from .classes import read_classes
-        self.classes = read_classes(self.data_dir)
+        from .classes import ClassSpace, read_classes
+        space = read_classes(self.data_dir)
+        self._relabel = None
+        if classes == "present":
+            present = sorted({s["meta"].get("class", -1) for s in itertools.islice(
+                iter_samples(self.data_dir, decode=False), len(self))})
+            if present[0] < 0 or present[-1] >= len(space.names):
+                raise DataError(f"{self.data_dir} holds labels {present[0]}..{present[-1]} outside its "
+                                f"{len(space.names)} classes ({space.source}); is it a labelled test set?")
+            self._relabel = torch.full((len(space.names),), -1, dtype=torch.long)
+            self._relabel[present] = torch.arange(len(present))
+            space = ClassSpace(tuple(space.names[i] for i in present), space.templates,
+                               f"{space.source}: the {len(present)} classes of its first {len(self)} samples "
+                               f"(eval.classes: present)")
+        elif classes != "all":
+            raise DataError(f"eval.classes = {classes!r}; choose all (the test set's class space) or present")
+        if templates:
+            space = ClassSpace(space.names, space.templates[:templates], space.source)
+        self.classes = space
 
     def __len__(self) -> int:
         n = num_samples(self.data_dir)
         return n if self.limit is None else min(n, self.limit)
+
+    def _relabelled(self, batch: dict) -> dict:
+        return batch if self._relabel is None else batch | {"labels": self._relabel[batch["labels"]]}
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict]:
         limit = min(x for x in (limit, self.limit, num_samples(self.data_dir)) if x is not None)
@@ -378,13 +402,14 @@ class EvalSet:
         for s in iter_samples(self.data_dir):
             buf.append(s)
             if len(buf) == batch_size or start + len(buf) == limit:
-                yield collate(buf) | {"start": start}
+                yield self._relabelled(collate(buf)) | {"start": start}
                 start, buf = start + len(buf), []
                 if start == limit:
                     return
 
     def head(self, n: int) -> dict:
-        return load_all(self.data_dir, limit=n if self.limit is None else min(n, self.limit))
+        batch = load_all(self.data_dir, limit=n if self.limit is None else min(n, self.limit))
+        return self._relabelled(batch) | {"classes": self.classes}
 
 
 def tar_members(path: str | Path) -> list[str]:
