@@ -170,10 +170,10 @@ def tar_files(path: str) -> Iterator[tuple[str, bytes]]:
                 if kind not in _REGULAR and kind != _DIRECTORY:
                     yield from _tar_files_slow(path)
                     return
-                name = header[:100].split(b"\0", 1)[0].decode()
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")  # as tarfile
                 prefix = header[345:500].split(b"\0", 1)[0]
                 if header[257:265] == b"ustar\x0000" and prefix:
-                    name = prefix.decode() + "/" + name
+                    name = prefix.decode("utf-8", "surrogateescape") + "/" + name
                 if offset + 512 + size > end:
                     raise _corrupt(shard, f"truncated inside member {name}")
                 if kind in _REGULAR:
