@@ -27,26 +27,42 @@ from clipshield.pipeline import world_samples
 from clipshield.training import TrainConfig, train
 
 
-def bare_loop(model_name: str, batch: dict, steps: int) -> float:
+def bare_loop(model_name: str, batch: dict, steps: int, bf16: bool = False) -> float:
+    from clipshield.pipeline import device
     clip = create(model_name)
-    model = clip.model.train()
-    tokens = clip.tokenize(batch["captions"])
-    images = batch["images"]
+    model = clip.model.train().to(device())
+    tokens = clip.tokenize(batch["captions"]).to(device())
+    mean = torch.tensor(clip.preprocess_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(clip.preprocess_cfg["std"]).view(1, 3, 1, 1)
+    images = ((batch["images"] - mean) / std).to(device())
     loss_fn = open_clip.ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as clipshield's loop: the ratio is overhead
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        img, txt, scale = model(images, tokens)[:3]
-        loss = loss_fn(img, txt, scale)
+    autocast = torch.autocast(device().type, dtype=torch.bfloat16, enabled=bf16)
+
+    def step():
+        with autocast:
+            img, txt, scale = model(images, tokens)[:3]
+            loss = loss_fn(img, txt, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+    step()  # warm-up (CUDA kernels, allocator), as clipshield's loop warms up on its first step
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
     return steps * len(images) / (time.perf_counter() - t0)
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def clipshield_loop(model_name: str, data: Path, batch_size: int, steps: int, objective: str = "clip",
-                    bf16: bool = False, accum: int = 1) -> float:
+                    bf16: bool = False, accum: int = 1, threads: int = 0) -> float:
     """Samples/s (global, over all processes) of the loop; under torchrun every rank trains its slice."""
     from clipshield import distributed
     from clipshield.models import frozen_copy
@@ -57,7 +73,7 @@ def clipshield_loop(model_name: str, data: Path, batch_size: int, steps: int, ob
     obj = build_objective(objective)
     frozen = frozen_copy(clip) if getattr(obj, "needs_frozen", False) else None
     cfg = TrainConfig(steps=steps, lr=1e-4, log_every=10**9, bf16=bf16, accum=accum)
-    batches = shards.iter_batches(data, batch_size, shuffle=2000, seed=0)
+    batches = shards.iter_batches(data, batch_size, shuffle=2000, seed=0, threads=threads, uint8=True)
     result = train(clip, obj, batches, cfg, frozen=frozen, description=f"clipshield loop ({objective})")
     return result.samples_per_s * distributed.world()[1]
 
@@ -92,6 +108,8 @@ def main():
     ap.add_argument("--objectives", default="", help="comma-separated objectives to time, e.g. clip,par,fare")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     ap.add_argument("--accum", type=int, default=1, help="also time K micro-batches per step (with --objectives)")
+    ap.add_argument("--loader-threads", default="0", help="decoding threads ahead of the model (train.loader_threads); "
+                    "a comma-separated list times each (e.g. 0,8)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -102,31 +120,39 @@ def main():
         return
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data
-        if data is None:
+        if data is None:  # the world at the model's input size (ViT-B-32: 224 px)
             data = Path(tmp) / "train"
-            shards.write_shards(world_samples("base", 0, 4000, 32, "b"), data, prefix="train", per_shard=1000)
+            size = create(a.model).image_size
+            shards.write_shards(world_samples("base", 0, 4000 if size <= 64 else 2048, size, "b"), data,
+                                prefix="train", per_shard=1000)
+        threads = [int(t) for t in a.loader_threads.split(",")]
         if a.nproc > 1:
             return compare_processes(a, data)
         if a.objectives:
             for objective in a.objectives.split(","):
-                rates = {}
-                for k in sorted({1, a.accum}):
-                    rates[k] = max(clipshield_loop(a.model, data, a.batch, a.steps, objective, a.bf16, accum=k)
-                                   for _ in range(a.rounds))
-                print(f"{objective:>10}: {rates[1]:8.1f} samples/s  (model {a.model}, batch {a.batch}, bf16 {a.bf16})"
-                      + (f"; accum {a.accum}: {rates[a.accum]:8.1f} samples/s, ratio {rates[a.accum] / rates[1]:.3f}"
-                         if a.accum > 1 else ""))
+                for t in threads:
+                    rates = {}
+                    for k in sorted({1, a.accum}):
+                        rates[k] = max(clipshield_loop(a.model, data, a.batch, a.steps, objective, a.bf16, accum=k,
+                                                       threads=t) for _ in range(a.rounds))
+                    print(f"{objective:>10}: {rates[1]:8.1f} samples/s  (model {a.model}, batch {a.batch}, bf16 {a.bf16}, "
+                          f"loader threads {t})"
+                          + (f"; accum {a.accum}: {rates[a.accum]:8.1f} samples/s, ratio {rates[a.accum] / rates[1]:.3f}"
+                             if a.accum > 1 else ""), flush=True)
             return
         batch = next(shards.iter_batches(data, a.batch, shuffle=0))
-        ours, bare = [], []
+        bare, ours = [], {t: [] for t in threads}
         for _ in range(a.rounds):  # alternate so both see the same machine load
-            bare.append(bare_loop(a.model, batch, a.steps))
-            ours.append(clipshield_loop(a.model, data, a.batch, a.steps))
-    best_ours, best_bare = max(ours), max(bare)
-    print(f"model {a.model}, batch {a.batch}, {a.steps} steps x {a.rounds} rounds, {torch.get_num_threads()} threads")
+            bare.append(bare_loop(a.model, batch, a.steps, a.bf16))
+            for t in threads:
+                ours[t].append(clipshield_loop(a.model, data, a.batch, a.steps, bf16=a.bf16, threads=t))
+    best_bare = max(bare)
+    print(f"model {a.model}, batch {a.batch}, bf16 {a.bf16}, {a.steps} steps x {a.rounds} rounds, "
+          f"{torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
     print(f"bare loop (in-memory tensors):      {best_bare:8.1f} samples/s   rounds: {', '.join(f'{x:.0f}' for x in bare)}")
-    print(f"clipshield loop (streaming shards): {best_ours:8.1f} samples/s   rounds: {', '.join(f'{x:.0f}' for x in ours)}")
-    print(f"ratio clipshield/bare: {best_ours / best_bare:.3f}")
+    for t, rates in ours.items():
+        print(f"clipshield loop, loader threads {t}: {max(rates):8.1f} samples/s   rounds: "
+              f"{', '.join(f'{x:.0f}' for x in rates)}   ratio clipshield/bare: {max(rates) / best_bare:.3f}")
 
 
 if __name__ == "__main__":

@@ -236,3 +236,19 @@ def test_synthetic_pairs_at_another_size_than_the_model_are_refused_by_the_profi
     assert "set synth.image_size: 224" in problems[0]
     merged["clean"]["data"] = merged["harden"]["data"] = "data/train"  # not trained on: any saved size will do
     assert not [p for p in validate(merged) if "synth.image_size" in p]
+
+
+def test_loader_threads_auto_is_none_on_cpu_and_a_share_of_the_cores_on_gpu(monkeypatch):
+    from pathlib import Path
+
+    from clipshield.params import LaunchParams, deep_merge, read_yaml, validate
+    root = Path(__file__).resolve().parents[1]
+    base = read_yaml(root / "params.yaml")
+    assert validate(deep_merge(base, {"train": {"loader_threads": 4}})) == []
+    for bad in (-1, "many", 2.5):
+        assert any("train.loader_threads" in p for p in validate(deep_merge(base, {"train": {"loader_threads": bad}})))
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert LaunchParams().decode_threads(on_gpu=False) == 0
+    assert LaunchParams().decode_threads(on_gpu=True) == 8
+    assert LaunchParams(nproc=4).decode_threads(on_gpu=True) == 4
+    assert LaunchParams(loader_threads=2).decode_threads(on_gpu=False) == 2

@@ -248,6 +248,53 @@ def test_iter_batches_infinite(tmp_path):
     assert got == [["s0000", "s0001", "s0002", "s0003"]] * 3
 
 
+def test_iter_batches_with_decode_threads_gives_the_same_batches(tmp_path):
+    shards.write_shards(make_samples(40, size=6), tmp_path / "d", per_shard=7)
+    for start in (0, 3):
+        serial = shards.iter_batches(tmp_path / "d", batch_size=6, shuffle=10, seed=5, start=start)
+        threaded = shards.iter_batches(tmp_path / "d", batch_size=6, shuffle=10, seed=5, start=start, threads=3,
+                                       uint8=True)
+        for _ in range(15):  # over two epochs and a half
+            a, b = next(serial), next(threaded)
+            assert a["keys"] == b["keys"] and a["captions"] == b["captions"]
+            assert b["images"].dtype == torch.uint8 and torch.equal(a["images"], shards.as_float_images(b["images"]))
+            assert torch.equal(a["labels"], b["labels"])
+        threaded.close()
+
+
+def test_iter_batches_with_decode_threads_reports_a_corrupt_image(tmp_path):
+    samples = make_samples(8, size=4)
+    d = tmp_path / "d"
+    shards.write_shards(samples[:5], d, prefix="train", per_shard=8)
+    with tarfile.open(next(d.glob("*.tar")), "a") as tf:  # a sixth sample whose PNG is garbage
+        for ext, data in (("png", b"not a png at all"), ("txt", b"caption"), ("json", b'{"class": 1}')):
+            ti = tarfile.TarInfo(f"bad.{ext}")
+            ti.size = len(data)
+            tf.addfile(ti, __import__("io").BytesIO(data))
+    shards.write_sizes(d, {next(d.glob("*.tar")).name: 6})
+    with pytest.raises(DataError, match="bad.*not a readable PNG"):
+        list(shards.iter_batches(d, batch_size=3, shuffle=0, epochs=1, threads=2))
+
+
+def test_prefetch_keeps_order_raises_where_the_producer_failed_and_stops_with_the_consumer():
+    import itertools
+    import threading
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("producer broke")
+    got = []
+    with pytest.raises(ValueError, match="producer broke"):
+        for x in shards.prefetch(failing(), depth=1):
+            got.append(x)
+    assert got == [1, 2]
+    endless = shards.prefetch(itertools.count(), depth=2)
+    assert [next(endless) for _ in range(5)] == [0, 1, 2, 3, 4]
+    endless.close()  # the producer, blocked on a full queue, ends too
+    assert not [t for t in threading.enumerate() if t.name == "clipshield-prefetch"]
+
+
 def test_load_all_limit(dataset):
     d, samples, _ = dataset
     b = shards.load_all(d, limit=5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -286,10 +287,18 @@ class LaunchParams:
     accum: int = 1            # micro-batches per step (gradient accumulation): batch_size / (nproc x accum) at a time
     nnodes: int = 1           # machines per training stage; each runs the stage with nproc processes (torchrun)
     rdzv_endpoint: str = ""   # with nnodes > 1: HOST:PORT where the machines meet (torchrun's c10d rendezvous)
+    loader_threads: int | str = "auto"  # image-decoding threads ahead of the model; auto: 0 on CPU, up to 8 on GPU
 
     @property
     def world_size(self) -> int:
         return self.nproc * self.nnodes
+
+    def decode_threads(self, on_gpu: bool) -> int:
+        """Threads that decode batches ahead of the model: on CPU none (the cores train the model); on a GPU
+        as many as this process's share of the CPU cores, at most 8."""
+        if self.loader_threads != "auto":
+            return int(self.loader_threads)
+        return min(8, max(1, (os.cpu_count() or 1) // self.nproc)) if on_gpu else 0
 
 
 def load_launch(path: str | Path = "params.yaml") -> LaunchParams:
@@ -356,6 +365,8 @@ def _constraints(v: dict) -> list[str]:
         need(t.compile in ("auto", "on", "off"), "train.compile", t.compile, "choose auto, on or off")
         need(t.accum >= 1, "train.accum", t.accum, "use a whole number >= 1 (micro-batches per step)")
         need(t.nnodes >= 1, "train.nnodes", t.nnodes, "use a whole number >= 1 (machines per training stage)")
+        need(t.loader_threads == "auto" or (isinstance(t.loader_threads, int) and t.loader_threads >= 0),
+             "train.loader_threads", t.loader_threads, "use auto or a whole number >= 0 (0: decode in the training thread)")
         if t.nnodes > 1:
             host, _, port = t.rdzv_endpoint.rpartition(":")
             need(bool(host) and port.isdigit() and 0 < int(port) < 65536, "train.rdzv_endpoint", t.rdzv_endpoint,

@@ -144,7 +144,8 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
     checkpoint = Checkpoint(Path(checkpoint_dir) / f"{name}.pt", p.checkpoint_every, run_id)
 
     def batches(start: int):
-        return shards.iter_batches(train_dir, p.batch_size, shuffle=p.shuffle, seed=p.seed, start=start)
+        return shards.iter_batches(train_dir, p.batch_size, shuffle=p.shuffle, seed=p.seed, start=start,
+                                   threads=launch.decode_threads(on_gpu), uint8=True)
     evaluate = (lambda c: {"zeroshot_top1": zeroshot_accuracy(c, test["images"][:500], test["labels"][:500],
                                                               test.get("classes"))}) if test is not None else None
     Path(log_dir).mkdir(parents=True, exist_ok=True)

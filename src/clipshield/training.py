@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .data.shards import as_float_images
 from .models import Clip
 from .distributed import gather, mean_over_ranks, world
 from .files import atomic_path
@@ -293,7 +294,7 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
         with progress_bar(description, total=cfg.steps, completed=start, show=main) as advance:
             for step in range(start, cfg.steps):
                 batch = next(batches)
-                batch["images"] = batch["images"].to(device, non_blocking=True)
+                batch["images"] = as_float_images(batch["images"].to(device, non_blocking=True))  # uint8: 1/4 the bytes
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, cfg)
                 set_train_mode(clip.model, objective.train_batchnorm)

@@ -12,8 +12,11 @@ import itertools
 import json
 import mmap
 import os
+import queue
 import re
 import tarfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -43,7 +46,8 @@ def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
 
 def decode_image(data: bytes) -> np.ndarray:
     """Decode an encoded image (PNG or JPEG) to uint8 HxWx3."""
-    return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+    image = Image.open(io.BytesIO(data))
+    return np.array(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 def image_extension(data: bytes) -> str:
@@ -283,33 +287,65 @@ def decode_sample_image(data: bytes, where: str, fix: str) -> np.ndarray:
         raise DataError(f"{where}: its image is not a readable PNG or JPEG ({why}); {fix}") from e
 
 
-def collate(samples: list[dict]) -> dict:
-    fix = "re-create the data set (`dvc repro`) or restore it (`dvc pull`)"
-    arrays = [s["image"] if isinstance(s["image"], np.ndarray) else
-              decode_sample_image(s["image"], f"sample {s['key']} in shard {s.get('shard', '?')}", fix) for s in samples]
-    odd = [(s, a.shape) for s, a in zip(samples, arrays) if a.shape != arrays[0].shape]
-    if odd:
-        s, shape = odd[0]
-        raise DataError(f"sample {s['key']} in shard {s.get('shard', '?')} is {shape[1]}x{shape[0]} px, but sample "
-                        f"{samples[0]['key']} in shard {samples[0].get('shard', '?')} is {arrays[0].shape[1]}x"
-                        f"{arrays[0].shape[0]}: a data set holds one image size; re-create it (`dvc repro`, or "
-                        f"`clipshield data` with data.image_size) or restore it (`dvc pull`)")
-    images = np.stack(arrays)
-    images = torch.from_numpy(images).permute(0, 3, 1, 2)
-    return {"images": images.float().div_(255), "captions": [s["caption"] for s in samples],
+def _sample_array(s: dict) -> np.ndarray:
+    if isinstance(s["image"], np.ndarray):
+        return s["image"]
+    return decode_sample_image(s["image"], f"sample {s['key']} in shard {s.get('shard', '?')}",
+                               "re-create the data set (`dvc repro`) or restore it (`dvc pull`)")
+
+
+def collate(samples: list[dict], pool: ThreadPoolExecutor | None = None, uint8: bool = False) -> dict:
+    """One batch: images (B,3,H,W) in [0,1] as float32, or as uint8 0..255 with `uint8` (a quarter of the bytes to
+    move to a GPU, converted there: `as_float_images`); with `pool`, decoded by its threads (PIL releases the GIL)."""
+    first = _sample_array(samples[0])
+    images = np.empty((len(samples), *first.shape), np.uint8)
+
+    def place(i: int) -> None:
+        a = first if i == 0 else _sample_array(samples[i])
+        if a.shape != first.shape:
+            s, s0 = samples[i], samples[0]
+            raise DataError(f"sample {s['key']} in shard {s.get('shard', '?')} is {a.shape[1]}x{a.shape[0]} px, but "
+                            f"sample {s0['key']} in shard {s0.get('shard', '?')} is {first.shape[1]}x{first.shape[0]}: "
+                            f"a data set holds one image size; re-create it (`dvc repro`, or `clipshield data` with "
+                            f"data.image_size) or restore it (`dvc pull`)")
+        images[i] = a
+    for _ in (pool.map(place, range(len(samples))) if pool is not None else map(place, range(len(samples)))):
+        pass
+    chw = torch.from_numpy(images).permute(0, 3, 1, 2)
+    return {"images": chw if uint8 else as_float_images(chw), "captions": [s["caption"] for s in samples],
             "labels": torch.tensor([s["meta"].get("class", -1) for s in samples]),
             "keys": [s["key"] for s in samples]}
 
 
+def as_float_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 images as float32 in [0,1] (float images pass through unchanged)."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
 def iter_batches(data_dir: str | Path, batch_size: int, shuffle: int = 2000, seed: int = 0,
-                 epochs: int | None = None, drop_last: bool = True, start: int = 0) -> Iterator[dict]:
-    """Batches of images in [0,1] (B,3,H,W), captions and labels; reshuffled every epoch.
+                 epochs: int | None = None, drop_last: bool = True, start: int = 0,
+                 threads: int = 0, uint8: bool = False) -> Iterator[dict]:
+    """Batches of images in [0,1] (B,3,H,W), captions and labels; reshuffled every epoch. With `uint8` the
+    images stay uint8 0..255 (the training loop converts them on its device: `as_float_images`).
 
     `epochs=None` repeats forever (step-based training). Memory is the shuffle buffer of PNG bytes.
     `start` skips that many batches without decoding them: a resumed run sees exactly the batches
     an uninterrupted one would have seen from there on. Under torchrun every rank reads the same global
     batches and decodes only its own contiguous slice (distributed.local_slice).
+    With `threads` > 0, batches are read and decoded by background threads (`threads` decoders) up to two
+    batches ahead, while the model trains on the current one: the same batches in the same order. For a GPU,
+    whose step is shorter than decoding a batch of 224-px images in one thread; on a few CPU cores the threads
+    would only take cores from the model (train.loader_threads: auto).
     """
+    if threads <= 0:
+        yield from _batches(data_dir, batch_size, shuffle, seed, epochs, drop_last, start, None, uint8)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="clipshield-decode") as pool:
+        yield from prefetch(_batches(data_dir, batch_size, shuffle, seed, epochs, drop_last, start, pool, uint8),
+                            depth=2)
+
+
+def _batches(data_dir, batch_size, shuffle, seed, epochs, drop_last, start, pool, uint8) -> Iterator[dict]:
     per_epoch = num_samples(data_dir) // batch_size if drop_last else -(-num_samples(data_dir) // batch_size)
     if per_epoch == 0:
         raise DataError(f"{data_dir} holds fewer samples than one batch ({batch_size}); lower the batch size")
@@ -324,11 +360,51 @@ def iter_batches(data_dir: str | Path, batch_size: int, shuffle: int = 2000, see
                 if skip:
                     skip -= 1
                 else:
-                    yield collate(buf[mine])
+                    yield collate(buf[mine], pool, uint8)
                 buf = []
         if buf and not drop_last:
-            yield collate(buf)
+            yield collate(buf, pool, uint8)
         epoch += 1
+
+
+def prefetch(items: Iterator, depth: int) -> Iterator:
+    """The items of `items`, produced by a background thread up to `depth` ahead of the consumer. An exception
+    in the producer is raised here, at the item where it happened; when the consumer stops early, so does the
+    producer (within 0.1 s)."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # handed to the consumer, who raises it
+            put(("error", e))
+
+    worker = threading.Thread(target=produce, name="clipshield-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join()
 
 
 def require_classes(data_dir: str | Path) -> None:
