@@ -257,6 +257,9 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, objective):
         assert torch.equal(a[k], b[k]), k
     log = [json.loads(line) for line in (work / "logs" / "run.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(10, steps + 1, 10))  # the log has no gap and no repeat
+    live = (work / "logs" / "run" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()  # DVCLive's too
+    assert [int(row.split("\t")[0]) for row in live[1:]] == list(range(10, steps + 1, 10))
+    assert [float(row.split("\t")[1]) for row in live[1:]] == pytest.approx([r["loss"] for r in log])
 
 
 def test_checkpoint_of_another_run_is_ignored(tmp_path):

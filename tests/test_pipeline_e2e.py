@@ -77,6 +77,16 @@ def test_repro_trains_and_evaluates_every_model(project):
     assert len(manifest) == round(0.2 * 1200)
     shown = sh("dvc metrics show", root).stdout
     assert "metrics/clean.json" in shown and "zeroshot_top1" in shown
+    # DVCLive: every training stage's series, summary and params where dvc.yaml declares them
+    for name in ("pretrain", "backdoor-blended_stripes-s0", "par-blended_stripes-s0", "fare-clean"):
+        live = json.loads((root / f"dvclive/{name}/metrics.json").read_text())
+        rows = [json.loads(line) for line in (root / f"dvclive/{name}.jsonl").read_text().splitlines()]
+        assert live["step"] == rows[-1]["step"] and live["loss"] == pytest.approx(rows[-1]["loss"])
+        assert live["train_steps"] == rows[-1]["step"] and live["train_seconds"] > 0
+        tsv = (root / f"dvclive/{name}/plots/metrics/loss.tsv").read_text().splitlines()
+        assert tsv[0] == "step\tloss" and len(tsv) == len(rows) + 1
+        assert "lr:" in (root / f"dvclive/{name}/params.yaml").read_text()
+    assert "dvclive/par-blended_stripes-s0/metrics.json" in shown and "train_seconds" in shown
     fare = json.loads((root / "metrics/fare-par-blended_stripes-s0.json").read_text())
     assert {"asr", "robust_top1_eps4", "distortion_clean", "distortion_adv"} <= set(fare)  # robust.eps: [4]
 
@@ -95,9 +105,9 @@ def test_report_has_every_model_and_plots(project):
         assert stage in times, stage
     for png in ("asr_vs_accuracy", "robust_vs_eps", "training_curves", "triggers"):
         assert (root / f"reports/{png}.png").stat().st_size > 5000
-    assert (root / "reports/curves/pretrain.tsv").read_text().startswith("step\tloss\n")
     html = sh("dvc plots show -o plots_html", root)
     assert (root / "plots_html/index.html").exists(), html.stdout
+    assert "dvclive/pretrain/plots/metrics/loss.tsv" in (root / "plots_html/index.html").read_text()
 
 
 def test_second_repro_runs_nothing(project):

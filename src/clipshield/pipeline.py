@@ -18,6 +18,7 @@ from .data import shards
 from .data.world import get_world, render
 from .distributed import is_main
 from .evaluation import evaluate_model, zeroshot_accuracy
+from .livelog import LiveLog
 from .models import Clip, create, frozen_copy, load, read_provenance, save
 from .objectives import build_objective
 from .params import (AttackParams, CleanParams, DataParams, EvalParams, HardenParams, RobustParams, TrainParams,
@@ -152,13 +153,18 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
     cfg = dataclasses.replace(train_config(p), bf16=launch.precision == "bf16" or (launch.precision == "auto" and on_gpu),
                               compile=launch.compile == "on" or (launch.compile == "auto" and on_gpu),
                               accum=launch.accum)
+    live = LiveLog(Path(log_dir) / name, {**vars(p), "objective": objective.name, "train_dir": str(train_dir),
+                                          "bf16": cfg.bf16, "compile": cfg.compile, "accum": cfg.accum}) \
+        if is_main() else None
     result = train(clip, objective, batches, cfg, frozen=frozen, evaluate=evaluate,
-                   log_file=Path(log_dir) / f"{name}.jsonl", description=name, checkpoint=checkpoint)
+                   log_file=Path(log_dir) / f"{name}.jsonl", description=name, checkpoint=checkpoint, on_log=live)
+    summary = {"steps": result.steps, "seconds": round(result.seconds, 1),
+               "samples_per_s": round(result.samples_per_s, 1),
+               "final_loss": round(result.final_logs.get("loss", float("nan")), 4)}
     if is_main():
         checkpoint.remove()
-    return {"steps": result.steps, "seconds": round(result.seconds, 1),
-            "samples_per_s": round(result.samples_per_s, 1),
-            "final_loss": round(result.final_logs.get("loss", float("nan")), 4)}
+        live.end({"train_" + k: v for k, v in summary.items()})
+    return summary
 
 
 def finish_model(clip: Clip, name: str, out_model: str | Path, metrics_file: str | Path, provenance: dict,

@@ -175,24 +175,33 @@ def trigger_gallery(out: Path, attack, n: int = 4) -> Path:
     return out
 
 
+def read_series(run: Path, metric: str) -> list[tuple[float, float]]:
+    """(step, value) pairs of one DVCLive series, dvclive/RUN/plots/metrics/METRIC.tsv ([] if not logged)."""
+    path = run / "plots" / "metrics" / f"{metric}.tsv"
+    if not path.is_file():
+        return []
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line.strip()]
+    return [(float(r[0]), float(r[1])) for r in rows]
+
+
 def training_curves(log_dir: Path, out: Path) -> bool:
-    """One panel per training log (the loop's JSON lines in dvclive/): loss vs step, and zero-shot accuracy
+    """One panel per training run (its DVCLive series in dvclive/RUN/): loss vs step, and zero-shot accuracy
     where the run evaluated during training."""
-    logs = sorted(p for p in log_dir.glob("*.jsonl") if p.stem != "probe")
+    logs = sorted(p for p in log_dir.iterdir() if read_series(p, "loss")) if log_dir.is_dir() else []
     if not logs:
         return False
     cols = 4
     nrows = -(-len(logs) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False)
     for ax, log in zip(axes.flat, logs):
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="C0")
-        ax.set_title(log.stem, fontsize=8)
+        loss = read_series(log, "loss")
+        ax.plot([s for s, _ in loss], [v for _, v in loss], color="C0")
+        ax.set_title(log.name, fontsize=8)
         ax.tick_params(labelsize=6)
-        evals = [r for r in rows if "zeroshot_top1" in r]
+        evals = read_series(log, "zeroshot_top1")
         if evals:
             ax2 = ax.twinx()
-            ax2.plot([r["step"] for r in evals], [100 * r["zeroshot_top1"] for r in evals], "o-", color="C3", ms=3)
+            ax2.plot([s for s, _ in evals], [100 * v for _, v in evals], "o-", color="C3", ms=3)
             ax2.tick_params(labelsize=6, colors="C3")
     for ax in list(axes.flat)[len(logs):]:
         ax.axis("off")
@@ -248,14 +257,9 @@ def time_table(times_dir: Path, stages: set[str] | None = None) -> tuple[str, fl
     return "\n".join(lines), total
 
 
-def write_plot_data(table: list[dict], log_dir: Path, out: Path) -> None:
-    """Data series for `dvc plots show/diff` (declared in dvc.yaml): training curves as DVCLive-style TSVs
-    (step, loss), ASR vs accuracy and robust accuracy vs eps as JSON lists."""
-    curves = out / "curves"
-    curves.mkdir(exist_ok=True)
-    for log in sorted(log_dir.glob("*.jsonl")):
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        (curves / f"{log.stem}.tsv").write_text("step\tloss\n" + "".join(f"{r['step']}\t{r['loss']:.6g}\n" for r in rows))
+def write_plot_data(table: list[dict], out: Path) -> None:
+    """Data series for `dvc plots show/diff` (declared in dvc.yaml): ASR vs accuracy and robust accuracy vs eps
+    as JSON lists (the training curves are each training stage's DVCLive series, declared with the stage)."""
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     asr = [{"model": r["model"], "zeroshot_top1": r["zeroshot_top1"], "asr": r["asr"]} for r in table
@@ -314,7 +318,7 @@ def write_report(attack, metrics_dir: Path, out: Path, runs: dict | None = None,
     text += (["![robust accuracy vs eps](robust_vs_eps.png)", ""] if has_robust else [])
     text += ["![triggers](triggers.png)", ""] + (["![training curves](training_curves.png)", ""] if has_curves else [])
     (out / "report.md").write_text("\n".join(text))
-    write_plot_data(table, Path(log_dir), out)
+    write_plot_data(table, out)
     (out / "comparison.json").write_text(json.dumps({"models": table, "runs": rows}, indent=1, sort_keys=True) + "\n")
     console.print(f"report -> {out / 'report.md'}")
     return out / "report.md"

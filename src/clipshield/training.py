@@ -233,8 +233,11 @@ class TrainResult:
 def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Iterator[dict]], cfg: TrainConfig,
           frozen: Clip | None = None, log_file: str | Path | None = None,
           evaluate: Callable[[Clip], dict] | None = None, description: str = "training",
-          checkpoint: Checkpoint | None = None) -> TrainResult:
+          checkpoint: Checkpoint | None = None, on_log: Callable[[dict], None] | None = None) -> TrainResult:
     """Optimise `objective` on `batches` for `cfg.steps` steps; returns the logs.
+
+    Every logged row (step, loss, lr, samples/s, the objective's values) goes to `log_file` (JSON lines) and to
+    `on_log` (rank 0; a resumed run first replays the rows of its checkpoint).
 
     `batches` is an iterator, or a function `start_step -> iterator` so that a run resumed from
     `checkpoint` continues with the batches it would have seen. Raises TrainingError on a non-finite
@@ -287,6 +290,9 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
     saved = start  # the step of the checkpoint a rerun would resume from (0: none)
     if log:
         log.writelines(json.dumps(row) + "\n" for row in history)
+    if on_log and main:
+        for row in history:
+            on_log(row)
     last_finite: dict = {}
     fresh, t0 = 0, time.perf_counter()  # samples this process trained on (throughput)
     step = start
@@ -328,6 +334,8 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
                         clip.model.eval()
                         row.update(evaluate(clip))
                     history.append(row)
+                    if on_log and main:
+                        on_log(row)
                     if log:
                         log.write(json.dumps(row) + "\n")
                         log.flush()
