@@ -38,3 +38,5 @@ class LiveLog:
             return
         self.live.summary.update(summary)
         self.live.end()
+        # dvc.yaml declares the series folder: a run of 0 steps (pretrained weights, evaluated only) leaves it empty
+        (Path(self.live.plots_dir) / "metrics").mkdir(parents=True, exist_ok=True)
