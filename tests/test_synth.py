@@ -225,20 +225,21 @@ def test_stage_script(tmp_path):
     stage_params(tmp_path, {"generator": "gan", "n": 6})
     res = subprocess.run([sys.executable, str(REPO / "stages" / "synth.py")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "synth.generator='gan'" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "`synth.generator` = 'gan'" in res.stderr and "Traceback" not in res.stderr
 
 
 # -- bad params ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change, match", [
-    ({"generator": "gan"}, r"synth.generator='gan' is unknown; set it to one of"),
-    ({"height": 30}, r"synth.height=30 is not divisible by 8"),
-    ({"width": 100}, r"synth.width=100 is not divisible by 8; .* e.g. 96 or 104"),
-    ({"steps": 0}, r"synth.steps=0 must be an integer >= 1"),
-    ({"n": None}, r"synth.n is missing"),
-    ({"guidanc": 2.0}, r"unknown key synth.guidanc"),
-    ({"scheduler": "euler"}, r"synth.scheduler='euler' is unknown"),
-    ({"model": None}, r"synth.model is missing"),
+    ({"generator": "gan"}, r"`synth.generator` = 'gan' is not allowed; choose procedural or diffusion"),
+    ({"height": 30}, r"`synth.height` = 30 is not allowed; Stable Diffusion needs a multiple of 8"),
+    ({"width": 100}, r"`synth.width` = 100 is not allowed; .* e.g. 96 or 104"),
+    ({"steps": 0}, r"`synth.steps` = 0 is not allowed; set the number of denoising steps >= 1"),
+    ({"n": None}, r"`synth.n` = None is not allowed; set it to the number of image-text pairs"),
+    ({"guidanc": 2.0}, r"unknown param `synth.guidanc` in params.yaml; did you mean `synth.guidance`\?"),
+    ({"scheduler": "euler"}, r"`synth.scheduler` = 'euler' is not allowed"),
+    ({"model": None}, r"`synth.model` = None is not allowed; set it to a local diffusers pipeline folder"),
+    ({"batch_size": True}, r"synth.batch_size = True has the wrong type"),
 ])
 def test_bad_params(tiny_sd, tmp_path, change, match):
     with pytest.raises(ValueError, match=match):

@@ -323,6 +323,82 @@ class RobustParams:
 
 # ---- the one schema: every section and its constraints, checked before any stage works ---------
 
+@dataclasses.dataclass
+class SynthParams:
+    """The synthetic cleaning pairs (stage synth -> data/synth): the procedural world's, or Stable Diffusion's."""
+    n: int | None = None         # image-text pairs to generate (required)
+    generator: str = "procedural"  # procedural | diffusion
+    seed: int = 0
+    per_shard: int = 1000
+    image_size: int | None = None  # saved side in px (None: 32 procedural, 256 diffusion)
+    world: str = "shifted"       # procedural: the world that renders the pairs
+    model: str | None = None     # diffusion: a local diffusers pipeline folder (model_index.json) or a hub id
+    height: int = 512            # diffusion: generated at height x width, saved at image_size
+    width: int = 512
+    steps: int = 50              # denoising steps
+    guidance: float = 2.0        # classifier-free guidance scale
+    batch_size: int = 8          # images per pipeline call
+    scheduler: str = "ddim"      # ddim | pipeline (the model's own)
+    concepts: str | None = None  # diffusion: the concept bank YAML (None: the packaged one)
+
+
+SYNTH_GENERATORS = ("procedural", "diffusion")
+SYNTH_SCHEDULERS = ("ddim", "pipeline")
+SYNTH_IMAGE_SIZE = {"procedural": 32, "diffusion": 256}
+
+
+def looks_like_hub_id(model: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model)) and not model.startswith((".", "~"))
+
+
+def parse_synth(data) -> tuple[SynthParams | None, list[str]]:
+    """The synth section parsed and checked like every other (a null value means the default), image_size filled in;
+    with every problem found. The concept bank is checked where it is read (data.synth.load_bank)."""
+    if not isinstance(data, dict):
+        return None, ["params section `synth` must be a mapping with at least `n:` (the pairs to generate)"]
+    s, problems = _parse(SynthParams, {k: v for k, v in data.items() if v is not None}, "synth")
+    if s is None:
+        return None, problems
+    from .data.world import WORLDS
+
+    def need(ok: bool, key: str, allowed: str):
+        if not ok:
+            problems.append(f"`synth.{key}` = {getattr(s, key)!r} is not allowed; {allowed}")
+
+    need(s.generator in SYNTH_GENERATORS, "generator", f"choose {' or '.join(SYNTH_GENERATORS)}")
+    need(s.n is not None and s.n >= 1, "n", "set it to the number of image-text pairs to generate (>= 1)")
+    need(s.seed >= 0, "seed", "use a whole number >= 0")
+    need(s.per_shard >= 1, "per_shard", "set the number of samples per shard (e.g. 1000)")
+    need(s.image_size is None or s.image_size >= 8, "image_size",
+         "set the saved image side in pixels (e.g. 32 procedural, 256 diffusion)")
+    if s.generator == "procedural":
+        need(s.world in WORLDS, "world", f"choose one of {sorted(WORLDS)}")
+    elif s.generator == "diffusion":
+        for key in ("height", "width"):
+            side = getattr(s, key)
+            need(side >= 8 and side % 8 == 0, key, f"Stable Diffusion needs a multiple of 8, e.g. "
+                 f"{max(8, side // 8 * 8)} or {max(8, side // 8 * 8 + 8)} (paper: 512)")
+        need(s.steps >= 1, "steps", "set the number of denoising steps >= 1 (paper: 50)")
+        need(s.batch_size >= 1, "batch_size", "set the number of images per pipeline call (e.g. 8)")
+        need(s.guidance >= 0, "guidance", "use a number >= 0 (paper: 2.0)")
+        need(s.scheduler in SYNTH_SCHEDULERS, "scheduler",
+             "choose ddim or pipeline ('pipeline' keeps the model's own scheduler)")
+        model = s.model.strip() if s.model else ""
+        path = Path(model).expanduser()
+        need(bool(model), "model", "set it to a local diffusers pipeline folder (with model_index.json) or a hub id "
+                                   "such as runwayml/stable-diffusion-v1-5")
+        if model and path.is_dir():
+            need((path / "model_index.json").is_file(), "model", "it is a folder without model_index.json; point it "
+                 "at a diffusers pipeline folder (written by save_pretrained)")
+        elif model:
+            need(looks_like_hub_id(model), "model", f"model folder {path} does not exist; create it "
+                 f"(pipeline.save_pretrained) or set synth.model to an existing folder or hub id")
+    if problems:
+        return None, problems
+    return dataclasses.replace(s, image_size=s.image_size or SYNTH_IMAGE_SIZE[s.generator],
+                               guidance=float(s.guidance)), []
+
+
 SECTIONS = {"train": LaunchParams, "data": DataParams, "eval": EvalParams, "pretrain": PretrainParams,
             "attack": AttackParams, "poison": PoisonParams, "backdoor": BackdoorParams, "clean": CleanParams,
             "harden": HardenParams, "robust": RobustParams}
@@ -551,14 +627,14 @@ def _model_side(parsed: dict) -> int | None:
     return side[0] if isinstance(side, (list, tuple)) else side
 
 
-def _synth_size_problems(synth: dict, parsed: dict) -> list[str]:
+def _synth_size_problems(synth: SynthParams, parsed: dict) -> list[str]:
     """The synthetic pairs train the model (clean.data or harden.data at data/synth): they must be at its input size,
     which training checks only when the cleaning stage starts (hours into a paper run)."""
     users = [f"{s}.data" for s in ("clean", "harden") if s in parsed and parsed[s].data.rstrip("/") == SYNTH_DIR]
     size = parsed["data"].image_size if "data" in parsed else None
-    if not users or size is None or synth["image_size"] == size or _model_side(parsed) not in (None, size):
+    if not users or size is None or synth.image_size == size or _model_side(parsed) not in (None, size):
         return []  # (a data.image_size the model does not take is a problem of its own)
-    return [f"`synth.image_size` = {synth['image_size']} is not allowed; {' and '.join(users)} train the {size}-px model "
+    return [f"`synth.image_size` = {synth.image_size} is not allowed; {' and '.join(users)} train the {size}-px model "
             f"(data.image_size) on {SYNTH_DIR}: set synth.image_size: {size} (generated at synth.height x synth.width, "
             f"then resized)"]
 
@@ -584,12 +660,9 @@ def validate(raw: dict) -> list[str]:
             parsed[section] = value
     problems += _constraints(parsed) + _method_problems(raw)
     if "synth" in raw:
-        from .data.synth import resolve_params
-        try:
-            synth = resolve_params(raw["synth"])
-        except ValueError as e:
-            problems.append(f"synth: {e}")
-        else:
+        synth, found = parse_synth(raw["synth"])
+        problems += found
+        if synth is not None:
             problems += _synth_size_problems(synth, parsed)
     else:
         problems.append("params.yaml has no `synth` section; restore it from git or a profile")

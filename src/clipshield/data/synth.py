@@ -10,6 +10,7 @@ same whatever the batch size, the shard size or the number of ranks. `generate` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import numpy as np
 import yaml
 
 from clipshield.data.shards import DataError, write_shard, write_sizes
+from clipshield.params import ParamsError, parse_synth
 from clipshield.data.world import SHAPES, get_world, render
 
 BANK_PATH = Path(__file__).with_name("concepts.yaml")
@@ -31,14 +33,6 @@ SHARD_PREFIX = "synth"
 IMAGE_SEED_STRIDE = 1_000_003
 _CAPTION_STREAM = 0x5359  # separates the caption RNG stream from world.render's [seed, index]
 
-GENERATORS = ("procedural", "diffusion")
-SCHEDULERS = ("ddim", "pipeline")
-COMMON_KEYS = {"generator": "procedural", "n": None, "seed": 0, "per_shard": 1000, "image_size": None}
-PROCEDURAL_KEYS = {"world": "shifted"}
-DIFFUSION_KEYS = {"model": None, "height": 512, "width": 512, "steps": 50, "guidance": 2.0,
-                  "batch_size": 8, "scheduler": "ddim", "concepts": None}
-DEFAULT_IMAGE_SIZE = {"procedural": 32, "diffusion": 256}
-ALL_KEYS = {**COMMON_KEYS, **PROCEDURAL_KEYS, **DIFFUSION_KEYS}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,75 +138,19 @@ def captions(n: int, seed: int, bank: dict | None = None) -> list[str]:
 # Parameters
 # --------------------------------------------------------------------------------------------------
 
-def _int(p: dict, key: str, lo: int, hint: str) -> int:
-    v = p[key]
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"synth.{key}={v!r} must be an integer >= {lo}; {hint}")
-    return v
-
-
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _looks_like_hub_id(model: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model)) and not model.startswith((".", "~"))
-
-
 def resolve_params(params: dict | None) -> dict:
-    """Check the `synth:` params and fill in defaults; raises ValueError naming the key and the fix."""
-    if not isinstance(params, dict):
-        raise ValueError("the synth section of params.yaml is missing or not a mapping; add `synth:` "
-                         "with at least `n:` (see clipshield.data.synth)")
-    unknown = sorted(set(params) - set(ALL_KEYS))
-    if unknown:
-        raise ValueError(f"unknown key synth.{unknown[0]}; known keys: {', '.join(sorted(ALL_KEYS))}")
-    p = {**ALL_KEYS, **{k: v for k, v in params.items() if v is not None}}
-    if p["generator"] not in GENERATORS:
-        raise ValueError(f"synth.generator={p['generator']!r} is unknown; set it to one of {list(GENERATORS)}")
-    if p["n"] is None:
-        raise ValueError("synth.n is missing; set it to the number of image-text pairs to generate")
-    _int(p, "n", 1, "set it to the number of image-text pairs to generate")
-    _int(p, "seed", 0, "use a non-negative seed")
-    _int(p, "per_shard", 1, "set the number of samples per shard (e.g. 1000)")
-    if p["image_size"] is None:
-        p["image_size"] = DEFAULT_IMAGE_SIZE[p["generator"]]
-    _int(p, "image_size", 8, "set the saved image side in pixels (e.g. 32 procedural, 256 diffusion)")
-    if p["generator"] == "procedural":
-        try:
-            get_world(p["world"])
-        except ValueError as e:
-            raise ValueError(f"synth.world: {e}") from None
-        return p
-    # diffusion
-    for key in ("height", "width"):
-        _int(p, key, 8, "use a multiple of 8 such as 512")
-        if p[key] % 8:
-            lo = p[key] // 8 * 8
-            raise ValueError(f"synth.{key}={p[key]} is not divisible by 8; Stable Diffusion needs a "
-                             f"multiple of 8, e.g. {lo} or {lo + 8} (paper: 512)")
-    _int(p, "steps", 1, "set the number of denoising steps (paper: 50)")
-    _int(p, "batch_size", 1, "set the number of images per pipeline call (e.g. 8)")
-    g = p["guidance"]
-    if isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0:
-        raise ValueError(f"synth.guidance={g!r} must be a number >= 0 (paper: 2.0)")
-    p["guidance"] = float(g)
-    if p["scheduler"] not in SCHEDULERS:
-        raise ValueError(f"synth.scheduler={p['scheduler']!r} is unknown; set it to one of {list(SCHEDULERS)} "
-                         f"('pipeline' keeps the model's own scheduler)")
-    model = p["model"]
-    if not isinstance(model, str) or not model.strip():
-        raise ValueError("synth.model is missing; set it to a local diffusers pipeline folder "
-                         "(with model_index.json) or a hub id such as runwayml/stable-diffusion-v1-5")
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ValueError(f"synth.model={model!r} is a folder without model_index.json; point it at a "
-                             f"diffusers pipeline folder (written by save_pretrained)")
-    elif not _looks_like_hub_id(model):
-        raise ValueError(f"synth.model={model!r}: model folder {path} does not exist; create it "
-                         f"(pipeline.save_pretrained) or set synth.model to an existing folder or hub id")
-    load_bank(p["concepts"])
+    """The `synth:` params checked against the schema (clipshield.params.SynthParams) with defaults filled in, and
+    the concept bank they name; raises ParamsError listing every problem."""
+    s, problems = parse_synth(params)
+    if problems:
+        raise ParamsError("; ".join(problems))
+    p = dataclasses.asdict(s)
+    if p["generator"] == "diffusion":
+        load_bank(p["concepts"])
     return p
 
 
