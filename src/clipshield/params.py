@@ -323,6 +323,18 @@ class RobustParams:
 
 # ---- the one schema: every section and its constraints, checked before any stage works ---------
 
+def run_name(kind: str, trigger: str, seed: int) -> str:
+    """The model of an attack or defence run: <kind>-<trigger>-s<seed> (e.g. par-blended-s0); its folder under
+    models/, its metrics file, its DVCLive log and its registry artifact all carry this name."""
+    return f"{kind}-{trigger}-s{seed}"
+
+
+def split_run_name(name: str) -> tuple[str, int | None]:
+    """('par-blended', 0) for 'par-blended-s0' (run_name's inverse up to the seed); (name, None) without one."""
+    head, _, tail = name.rpartition("-s")
+    return (head, int(tail)) if head and tail.isdigit() else (name, None)
+
+
 @dataclasses.dataclass
 class SynthParams:
     """The synthetic cleaning pairs (stage synth -> data/synth): the procedural world's, or Stable Diffusion's."""

@@ -22,7 +22,7 @@ from .livelog import LiveLog
 from .models import Clip, create, frozen_copy, load, read_provenance, save
 from .objectives import build_objective
 from .params import (AttackParams, CleanParams, DataParams, EvalParams, HardenParams, RobustParams, TrainParams,
-                     load_section, objective_options, parse, read_yaml)
+                     load_section, objective_options, parse, read_yaml, run_name)
 from .robust import robust_metrics
 from .training import Checkpoint, TrainConfig, TrainingError, train
 from .ui import console, progress_bar, summary, wrote
@@ -265,11 +265,6 @@ def check_backdoor(asr: float, min_asr: float, trigger: str, p, rate: float) -> 
             f"the {trigger} backdoor did not take: ASR {asr:.1%} < backdoor.min_asr {min_asr:.0%}. "
             f"Raise poison.rate (now {rate}), backdoor.steps (now {p.steps}) or backdoor.lr (now {p.lr:g}), "
             f"or strengthen the trigger in attack.options.{trigger}; or lower backdoor.min_asr deliberately")
-
-
-def run_name(kind: str, trigger: str, seed: int) -> str:
-    """Models of the attack and defence stages: <kind>-<trigger>-s<seed> (e.g. par-blended-s0)."""
-    return f"{kind}-{trigger}-s{seed}"
 
 
 def backdoor(trigger: str, attack, poison_p, p, ev: EvalParams, seed: int = 0, clean_model="models/clean") -> dict:

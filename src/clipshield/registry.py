@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .params import read_yaml
+from .params import read_yaml, run_name
 
 
 class RemoteError(RuntimeError):
@@ -27,14 +27,15 @@ def final_models(params: dict) -> dict[str, dict]:
                      "labels": ["attack:none", "defence:none"]}}
     for t in triggers:
         for s in seeds:
-            out[f"backdoor-{t}-s{s}"] = {
-                "path": f"models/backdoor-{t}-s{s}", "type": "model",
+            backdoor = run_name("backdoor", t, s)
+            out[backdoor] = {
+                "path": f"models/{backdoor}", "type": "model",
                 "desc": f"clean model backdoored with the {t} trigger (target {params['attack']['target']}, seed {s})",
                 "labels": ["attack:backdoor", f"trigger:{t}", "defence:none", f"seed:{s}"]}
             for m in params["clean"]["methods"]:
-                out[f"{m}-{t}-s{s}"] = {
-                    "path": f"models/{m}-{t}-s{s}", "type": "model",
-                    "desc": f"backdoor-{t}-s{s} cleaned with {m} on synthetic pairs",
+                out[run_name(m, t, s)] = {
+                    "path": f"models/{run_name(m, t, s)}", "type": "model",
+                    "desc": f"{backdoor} cleaned with {m} on synthetic pairs",
                     "labels": ["attack:backdoor", f"trigger:{t}", f"defence:{m}", f"seed:{s}"]}
     for run, spec in params["harden"]["runs"].items():
         start = out.get(spec["start"], {"labels": []})

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from .attacks.triggers import TRIGGERS  # noqa: E402
 from .data.world import BASE, render  # noqa: E402
 from .evaluation import trigger_images  # noqa: E402
+from .params import split_run_name  # noqa: E402
 from .ui import console  # noqa: E402
 
 METHOD_ORDER = ("backdoor", "finetune", "cleanclip", "par")
@@ -28,12 +29,6 @@ def columns(rows: list[dict]) -> tuple[str, ...]:
     eps = {k for r in rows for k in r if k.startswith("robust_top1_eps") and not k.endswith("_ci")}
     return COLUMNS + tuple(sorted(eps, key=lambda k: float(k.removeprefix("robust_top1_eps").replace("_", ".")))) \
         + TAIL_COLUMNS
-
-
-def _seed(stem: str) -> tuple[str, int | None]:
-    """('par-blended', 0) for 'par-blended-s0'; (stem, None) without a seed suffix."""
-    head, _, tail = stem.rpartition("-s")
-    return (head, int(tail)) if head and tail.isdigit() else (stem, None)
 
 
 def collect(metrics_dir: Path, triggers: list[str], runs: dict | None = None) -> list[dict]:
@@ -52,16 +47,16 @@ def collect(metrics_dir: Path, triggers: list[str], runs: dict | None = None) ->
     for t in triggers:
         for method in METHOD_ORDER:
             for f in sorted(metrics_dir.glob(f"{method}-{t}-s*.json")):
-                group, seed = _seed(f.stem)
+                group, seed = split_run_name(f.stem)
                 if group == f"{method}-{t}":
                     rows.append({**json.loads(f.read_text()), "model": f.stem, "group": group, "trigger": t,
                                  "method": method, "seed": seed})
     for run, spec in (runs or {}).items():
         f = metrics_dir / f"{run}.json"
         if f.exists():
-            group, seed = _seed(run)
+            group, seed = split_run_name(run)
             start = spec.get("start", "")
-            start_trigger = _seed(start)[0].partition("-")[2]  # <kind>-<trigger>-s<seed>; "clean" has none
+            start_trigger = split_run_name(start)[0].partition("-")[2]  # <kind>-<trigger>-s<seed>; "clean" has none
             trigger = start_trigger if start_trigger in triggers else "-"
             rows.append({**json.loads(f.read_text()), "model": run, "group": group, "trigger": trigger,
                          "method": spec.get("method"), "start": start, "seed": seed})
