@@ -158,13 +158,13 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
         if is_main() else None
     result = train(clip, objective, batches, cfg, frozen=frozen, evaluate=evaluate,
                    log_file=Path(log_dir) / f"{name}.jsonl", description=name, checkpoint=checkpoint, on_log=live)
-    summary = {"steps": result.steps, "seconds": round(result.seconds, 1),
+    trained = {"steps": result.steps, "seconds": round(result.seconds, 1),
                "samples_per_s": round(result.samples_per_s, 1),
                "final_loss": round(result.final_logs.get("loss", float("nan")), 4)}
     if is_main():
         checkpoint.remove()
-        live.end({"train_" + k: v for k, v in summary.items()})
-    return summary
+        live.end({"train_" + k: v for k, v in trained.items()})
+    return trained
 
 
 def finish_model(clip: Clip, name: str, out_model: str | Path, metrics_file: str | Path, provenance: dict,

@@ -309,7 +309,7 @@ def collate(samples: list[dict], pool: ThreadPoolExecutor | None = None, uint8: 
                             f"a data set holds one image size; re-create it (`dvc repro`, or `clipshield data` with "
                             f"data.image_size) or restore it (`dvc pull`)")
         images[i] = a
-    for _ in (pool.map(place, range(len(samples))) if pool is not None else map(place, range(len(samples)))):
+    for _ in (pool.map if pool is not None else map)(place, range(len(samples))):  # runs `place`, raises its errors
         pass
     chw = torch.from_numpy(images).permute(0, 3, 1, 2)
     return {"images": chw if uint8 else as_float_images(chw), "captions": [s["caption"] for s in samples],
