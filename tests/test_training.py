@@ -238,3 +238,19 @@ def test_par_s_i_is_zero_before_any_update_resnet():
     result = train(clip, obj, repeat(fixed_batch()), cfg, frozen=frozen)
     assert result.history[0]["s_t"] == pytest.approx(0.0, abs=1e-6)
     assert result.history[0]["s_i"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dvclive_log_in_a_repository_without_a_commit_is_skipped_with_a_message(tmp_path, monkeypatch, capsys):
+    """DVCLive raises on a DVC repository whose git has no commit yet; training must go on, with the JSON log."""
+    import subprocess
+    import sys
+
+    from clipshield.livelog import LiveLog
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    live = LiveLog(tmp_path / "dvclive" / "run", {"lr": 0.1})
+    live({"step": 1, "loss": 2.0})
+    live.end({"train_steps": 1})
+    assert live.live is None
+    assert "DVCLive log" in capsys.readouterr().err and not (tmp_path / "dvclive" / "run" / "metrics.json").exists()
