@@ -18,8 +18,8 @@ class LiveLog:
         try:
             self.live = Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None)
         except Exception as e:  # e.g. a git repository without a commit: DVCLive cannot start there
-            console.print(f"[yellow]DVCLive log {folder} not written ({type(e).__name__}: {e}); the training log "
-                          f"{folder}.jsonl is[/yellow]")
+            console.print(f"[yellow]DVCLive log {folder} not written ({type(e).__name__}: {e}); training goes on, "
+                          f"logging to {folder}.jsonl[/yellow]")
             self.live = None
             return
         self.live.log_params(params)
