@@ -5,20 +5,25 @@ import random
 
 import numpy as np
 import torch
+from open_clip import OPENAI_DATASET_MEAN
 from PIL import Image
 from torchvision.transforms import AutoAugment, AutoAugmentPolicy
 
 
 def par_augment(images: torch.Tensor, noise_p: float = 0.5, noise_std: float = 0.2, erase_p: float = 0.5,
-                erase_area: tuple[float, float] = (0.005, 0.01), generator: torch.Generator | None = None) -> torch.Tensor:
-    """PAR's augmentation (METHODS.md §4): per sample, with prob. `noise_p` add half-normal noise |N(0, std)|,
-    with prob. `erase_p` fill a square of 0.5-1% of the area with the image's mean colour. No crops, no flips."""
+                erase_area: tuple[float, float] = (0.005, 0.01), generator: torch.Generator | None = None,
+                fill: tuple[float, float, float] = OPENAI_DATASET_MEAN) -> torch.Tensor:
+    """PAR's augmentation (METHODS.md §4), as the reference code builds it (nmndeep/PerturbAndRecover utils.py:
+    `AddGaussianNoise(0, 0.2)` with p=0.5, then `RandomErasing(p=0.5, scale=(0.005, 0.01), ratio=1, value=0)` after
+    the model's normalisation). Per sample, with prob. `noise_p` add clip(N(0, std), 0, 1) per pixel and channel
+    (rectified: about half the pixels get none), then clip to [0, 1]; with prob. `erase_p` fill a square of 0.5-1%
+    of the area with `fill`, the normalisation mean (0 after normalising). No crops, no flips."""
     b, _, h, w = images.shape
     dev = images.device
     g = generator
     out = images.clone()
     noisy = (torch.rand(b, generator=g) < noise_p).to(dev)
-    noise = torch.randn(images.shape, generator=g).abs().to(dev) * noise_std
+    noise = (torch.randn(images.shape, generator=g) * noise_std).clamp(0, 1).to(dev)
     out = torch.where(noisy.view(b, 1, 1, 1), (out + noise).clamp(0, 1), out)
     erase = torch.rand(b, generator=g) < erase_p
     areas = torch.empty(b).uniform_(*erase_area, generator=g)
@@ -26,7 +31,7 @@ def par_augment(images: torch.Tensor, noise_p: float = 0.5, noise_std: float = 0
         side = max(1, round((areas[i].item() * h * w) ** 0.5))
         top = int(torch.randint(0, h - side + 1, (1,), generator=g))
         left = int(torch.randint(0, w - side + 1, (1,), generator=g))
-        out[i, :, top:top + side, left:left + side] = images[i].mean(dim=(1, 2), keepdim=True)
+        out[i, :, top:top + side, left:left + side] = torch.tensor(fill, dtype=out.dtype, device=dev).view(3, 1, 1)
     return out
 
 
