@@ -165,6 +165,14 @@ def test_fixed_logit_scale_is_not_trained():
     assert obj.fixed_scale == pytest.approx(math.exp(start.item()))
 
 
+def test_cleanclip_trains_the_logit_scale_as_its_reference():
+    clip = models.create("smoke-rn", seed=0)
+    start = clip.model.logit_scale.detach().clone()
+    result = train(clip, build_objective("cleanclip"), repeat(fixed_batch()), TrainConfig(steps=2, lr=1e-2, log_every=1))
+    assert not torch.equal(clip.model.logit_scale.detach(), start)
+    assert result.history[0]["logit_scale"] == pytest.approx(math.exp(start.item()), rel=1e-5)
+
+
 def test_par_training_moves_away_from_frozen():
     clip = models.create("smoke-rn", seed=0)
     frozen = models.frozen_copy(clip)

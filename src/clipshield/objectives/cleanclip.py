@@ -1,4 +1,7 @@
-"""CleanCLIP: L_CLIP + w * (in-modal contrastive loss image vs AutoAugment view + caption vs EDA view)."""
+"""CleanCLIP: L_CLIP + w * (in-modal contrastive loss image vs AutoAugment view + caption vs EDA view).
+
+As the reference (nishadsinghi/CleanCLIP src/train.py) trains it: both towers and the logit scale (capped at 100),
+one scale for all three contrastive terms."""
 from __future__ import annotations
 
 import random
@@ -6,7 +9,7 @@ import random
 import torch
 
 from .augment import auto_augment, eda
-from .clip import ClipObjective, clip_loss
+from .clip import ClipObjective, clip_loss, logit_scale_of
 
 
 class CleanClipObjective(ClipObjective):
@@ -14,7 +17,7 @@ class CleanClipObjective(ClipObjective):
     train_batchnorm = False
 
     def __init__(self, weight: float = 1.0, seed: int = 0):
-        super().__init__(fix_logit_scale=True)
+        super().__init__()
         self.weight = weight
         self.rng = random.Random(seed)
 
@@ -36,9 +39,10 @@ class CleanClipObjective(ClipObjective):
         return {"img": img[:n], "img_aug": img[n:], "txt": txt[:n], "txt_aug": txt[n:]}
 
     def loss(self, f, clip):
-        scale = torch.tensor(self.fixed_scale)
+        scale = logit_scale_of(clip, None)
         l_clip = clip_loss(f["img"], f["txt"], scale)
         l_img = clip_loss(f["img"], f["img_aug"], scale)
         l_txt = clip_loss(f["txt"], f["txt_aug"], scale)
         loss = l_clip + self.weight * (l_img + l_txt) / 2
-        return loss, {"clip_loss": l_clip.detach(), "inmodal_image": l_img.detach(), "inmodal_text": l_txt.detach()}
+        return loss, {"clip_loss": l_clip.detach(), "inmodal_image": l_img.detach(), "inmodal_text": l_txt.detach(),
+                      "logit_scale": float(scale.detach())}
