@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from clipshield.data import world
-from clipshield.data.world import BASE, SHAPES, SHIFTED, get_world, render, target_caption
+from clipshield.data.world import BASE, RENDERED, SHAPES, SHIFTED, get_world, render, target_caption
 
 
 def test_ten_shape_classes():
@@ -62,9 +62,21 @@ def test_base_and_shifted_differ():
     assert any(m["background"] not in BASE.backgrounds for m in metas)
 
 
+def test_rendered_world_keeps_the_captions_and_changes_the_renderer():
+    # the PAR paper's synthetic pairs: the training captions, drawn by another renderer
+    assert RENDERED.templates == BASE.templates and set(RENDERED.colours) == set(BASE.colours)
+    for name, (r, g, b) in BASE.colours.items():  # every colour 0.05 less red, 0.05 more green (clipped)
+        assert RENDERED.colours[name] == pytest.approx((max(0.0, r - 0.05), min(1.0, g + 0.05), b))
+    assert RENDERED.backgrounds == SHIFTED.backgrounds and RENDERED.max_rotation_deg > BASE.max_rotation_deg
+    caps = [render(RENDERED, 0, i, size=8)[1] for i in range(50)]
+    words = {w.strip(".,") for c in caps for w in c.split()}
+    assert not words & (set(SHIFTED.colours) - set(BASE.colours))  # no new colour words
+
+
 def test_get_world():
     assert get_world("base") is BASE
     assert get_world("shifted") is SHIFTED
+    assert get_world("rendered") is RENDERED
 
 
 def test_unknown_world_lists_valid_ones():

@@ -343,7 +343,7 @@ class SynthParams:
     seed: int = 0
     per_shard: int = 1000
     image_size: int | None = None  # saved side in px (None: 32 procedural, 256 diffusion)
-    world: str = "shifted"       # procedural: the world that renders the pairs
+    world: str = "rendered"      # procedural: the world that renders the pairs (data.world.WORLDS)
     model: str | None = None     # diffusion: a local diffusers pipeline folder (model_index.json) or a hub id
     height: int = 512            # diffusion: generated at height x width, saved at image_size
     width: int = 512

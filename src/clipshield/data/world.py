@@ -72,7 +72,21 @@ SHIFTED = World(
     ),
 )
 
-WORLDS = {w.name: w for w in (BASE, SHIFTED)}
+# The default cleaning world, shifted the way the PAR paper's synthetic pairs are (Stable Diffusion images drawn
+# from CC3M captions): the base world's captions (its templates and colour words), another renderer (the shifted
+# world's backgrounds, rotation, noise and scales, every colour a little off). With the shifted world's new colour
+# words and templates, cleaning re-learned the vocabulary and cost 7-19 points of zero-shot top-1; here 1-4.
+RENDERED = World(
+    name="rendered",
+    colours={k: (max(0.0, r - 0.05), min(1.0, g + 0.05), b) for k, (r, g, b) in BASE.colours.items()},
+    backgrounds=SHIFTED.backgrounds,
+    scale_range=SHIFTED.scale_range,
+    max_rotation_deg=SHIFTED.max_rotation_deg,
+    pixel_noise=SHIFTED.pixel_noise,
+    templates=BASE.templates,
+)
+
+WORLDS = {w.name: w for w in (BASE, SHIFTED, RENDERED)}
 
 
 def get_world(name: str) -> World:
