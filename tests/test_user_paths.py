@@ -120,7 +120,7 @@ def poisoned(project):
     from clipshield.params import AttackParams, PoisonParams
     from clipshield.pipeline import poison
     world_set(project / "data/train", 40, seed=0, prefix="train", per_shard=20)
-    poison("blended", AttackParams(["blended"], "star", {}), PoisonParams(0.2, 1))
+    poison("blended", AttackParams(["blended"], "star", {}), PoisonParams(0.2, 1), "data/train", "data/poisoned/blended")
     return project / "data/poisoned/blended"
 
 
