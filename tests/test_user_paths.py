@@ -432,3 +432,10 @@ def test_a_poison_rate_that_poisons_nothing_is_refused(project):
         "error: poison.rate = 0 poisons round(0 x 20) = 0 of the 20 samples of data/train: data/poisoned/blended_stripes would "
         "be an unpoisoned copy and its backdoor would not take; raise poison.rate (e.g. 0.05) or poison a larger data set")
     assert not (project / "data/poisoned").exists()
+
+
+def test_a_stage_is_named_by_its_matrix_keys_not_its_paths():
+    from clipshield.stage import stage_name
+    assert stage_name(["stages/clean.py", "blended", "par", "0", "--start", "models/backdoor-blended-s0"]) == \
+        "clean@blended-par-0"
+    assert stage_name(["stages/pretrain.py", "--train", "data/train", "--out", "models/clean"]) == "pretrain"
