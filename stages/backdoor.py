@@ -1,10 +1,16 @@
-"""DVC stage `backdoor@TRIGGER-SEED`: models/clean fine-tuned on data/poisoned/TRIGGER with training seed SEED
--> models/backdoor-TRIGGER-sSEED."""
-import sys
-
+"""DVC stage `backdoor@TRIGGER-SEED`: --start (models/clean) fine-tuned on --data (data/poisoned/TRIGGER) with
+training seed SEED -> --out (models/backdoor-TRIGGER-sSEED)."""
 from clipshield.params import AttackParams, BackdoorParams, EvalParams, PoisonParams, load_section
 from clipshield.pipeline import backdoor
-from clipshield.stage import run
+from clipshield.stage import arguments, run
 
-run(lambda: backdoor(sys.argv[1], load_section(AttackParams, "attack"), load_section(PoisonParams, "poison"),
-                     load_section(BackdoorParams, "backdoor"), load_section(EvalParams, "eval"), seed=int(sys.argv[2])), distributed=True)
+
+def main() -> None:
+    a = arguments(__doc__, keys=("trigger", "seed"), paths=("start", "data", "test", "out", "metrics"))
+    run(lambda: backdoor(a.trigger, load_section(AttackParams, "attack"), load_section(PoisonParams, "poison"),
+                         load_section(BackdoorParams, "backdoor"), load_section(EvalParams, "eval"), int(a.seed),
+                         a.start, a.data, a.test, a.out, a.metrics), distributed=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,14 @@
-"""DVC stage `baseline`: the clean model's ASR for every trigger of attack.triggers -> metrics/baseline.json."""
+"""DVC stage `baseline`: the clean model's ASR for every trigger of attack.triggers -> --metrics."""
 from clipshield.params import AttackParams, EvalParams, load_section
 from clipshield.pipeline import baseline
-from clipshield.stage import run
+from clipshield.stage import arguments, run
 
-run(lambda: baseline(load_section(AttackParams, "attack"), load_section(EvalParams, "eval")))
+
+def main() -> None:
+    a = arguments(__doc__, paths=("model", "test", "metrics"))
+    run(lambda: baseline(load_section(AttackParams, "attack"), load_section(EvalParams, "eval"),
+                         a.model, a.test, a.metrics))
+
+
+if __name__ == "__main__":
+    main()

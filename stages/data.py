@@ -1,6 +1,13 @@
-"""DVC stage `data`: the procedural world's train and test shards."""
+"""DVC stage `data`: the procedural world's (or imported) train and test shards -> --train, --test."""
 from clipshield.params import DataParams, load_section
 from clipshield.pipeline import make_data
-from clipshield.stage import run
+from clipshield.stage import arguments, run
 
-run(lambda: make_data(load_section(DataParams, "data")))
+
+def main() -> None:
+    a = arguments(__doc__, paths=("train", "test"))
+    run(lambda: make_data(load_section(DataParams, "data"), a.train, a.test))
+
+
+if __name__ == "__main__":
+    main()

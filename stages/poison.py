@@ -1,8 +1,14 @@
-"""DVC stage `poison@TRIGGER`: data/train with the trigger on round(rate*N) samples -> data/poisoned/TRIGGER."""
-import sys
-
+"""DVC stage `poison@TRIGGER`: the shards --data with the trigger on round(rate*N) samples -> --out."""
 from clipshield.params import AttackParams, PoisonParams, load_section
 from clipshield.pipeline import poison
-from clipshield.stage import run
+from clipshield.stage import arguments, run
 
-run(lambda: poison(sys.argv[1], load_section(AttackParams, "attack"), load_section(PoisonParams, "poison")))
+
+def main() -> None:
+    a = arguments(__doc__, keys=("trigger",), paths=("data", "out"))
+    run(lambda: poison(a.trigger, load_section(AttackParams, "attack"), load_section(PoisonParams, "poison"),
+                       a.data, a.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -324,8 +324,9 @@ def test_nan_in_a_stage_writes_no_model(tmp_path, monkeypatch):
     attack = type("A", (), {"options": {}, "target": "star", "triggers": ["blended"]})()
     with pytest.raises(TrainingError, match="loss is nan at step 0|loss is inf at step 0"):
         pipeline.backdoor("blended", attack, PoisonParams(0.1, 0), BackdoorParams(steps=3, batch_size=8, lr=1e-3),
-                          EvalParams(test_n=20, retrieval_n=20))
-    assert not (tmp_path / "models" / "backdoor-blended").exists()
+                          EvalParams(test_n=20, retrieval_n=20), 0, "models/clean", "data/poisoned/blended",
+                          "data/test", "models/backdoor-blended-s0", "metrics/backdoor-blended-s0.json")
+    assert not (tmp_path / "models" / "backdoor-blended-s0").exists()
     assert not (tmp_path / "metrics").exists()
     assert data.exists()
 

@@ -79,7 +79,7 @@ def test_square_image_centre_crops_then_resizes():
 
 
 def test_import_writes_resized_shards_with_labels_captions_and_classes(sources, tmp_path):
-    counts = make_data(data_params(sources, train_n=50), tmp_path / "data")
+    counts = make_data(data_params(sources, train_n=50), tmp_path / "data" / "train", tmp_path / "data" / "test")
     assert counts == {"test": 30, "train": 50}  # train capped at 50 of 60
     train, test = tmp_path / "data/train", tmp_path / "data/test"
     assert shards.num_samples(train) == 50 and len(shards.shard_paths(train)) == 2  # 25 per shard
@@ -103,7 +103,7 @@ def test_brace_patterns_and_globs_name_source_shards(sources):
 def test_poisoning_imported_data_names_the_target_class_and_keeps_the_class_space(sources, tmp_path):
     from clipshield.params import AttackParams, PoisonParams
     from clipshield.pipeline import poison
-    make_data(data_params(sources), tmp_path / "data")
+    make_data(data_params(sources), tmp_path / "data" / "train", tmp_path / "data" / "test")
     attack = AttackParams(triggers=["blended"], target="banana", options={"blended": {"alpha": 0.2}})
     out = tmp_path / "poisoned"
     poison("blended", attack, PoisonParams(rate=0.1, seed=1), data_dir=tmp_path / "data/train", out_dir=out)
@@ -119,7 +119,7 @@ def test_poisoning_imported_data_names_the_target_class_and_keeps_the_class_spac
 def test_evaluation_uses_the_test_sets_classes(sources, tmp_path):
     from clipshield import models
     from clipshield.evaluation import evaluate_model
-    make_data(data_params(sources), tmp_path / "data")
+    make_data(data_params(sources), tmp_path / "data" / "train", tmp_path / "data" / "test")
     test = shards.load_all(tmp_path / "data/test")
     clip = models.create("smoke-rn", seed=0)
     metrics = evaluate_model(clip, test, triggers={"blended": {"alpha": 0.2}}, target="banana", retrieval_n=30)
@@ -135,13 +135,13 @@ def test_evaluation_uses_the_test_sets_classes(sources, tmp_path):
 def test_bad_sources_are_refused_with_the_fix(sources, tmp_path):
     from clipshield.data.shards import DataError
     with pytest.raises(DataError, match="no .tar shards at"):
-        make_data(data_params(sources, train_shards=str(tmp_path / "nowhere")), tmp_path / "a")
+        make_data(data_params(sources, train_shards=str(tmp_path / "nowhere")), tmp_path / "a" / "train", tmp_path / "a" / "test")
     with pytest.raises(DataError, match="has no class label .* the test set must be labelled"):
-        make_data(data_params(sources, test_shards=str(sources["train"])), tmp_path / "b")
+        make_data(data_params(sources, test_shards=str(sources["train"])), tmp_path / "b" / "train", tmp_path / "b" / "test")
     two = tmp_path / "two.txt"
     two.write_text("tench\ngoldfish\n")
     with pytest.raises(DataError, match="has label 2, outside the 2 classes"):
-        make_data(data_params(sources, classes=str(two)), tmp_path / "c")
+        make_data(data_params(sources, classes=str(two)), tmp_path / "c" / "train", tmp_path / "c" / "test")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "00000.tar").write_bytes((sources["test"] / "00000.tar").read_bytes()[:3000])

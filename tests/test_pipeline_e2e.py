@@ -147,7 +147,9 @@ def test_stage_with_bad_params_fails_with_one_line(project):
     broken["backdoor"]["stpes"] = broken["backdoor"].pop("steps")
     try:
         (root / "params.yaml").write_text(yaml.safe_dump(broken, sort_keys=False))
-        r = sh("python stages/backdoor.py blended_stripes 0", root, check=False)
+        r = sh("python stages/backdoor.py blended_stripes 0 --start models/clean --data data/poisoned/blended_stripes "
+               "--test data/test --out models/backdoor-blended_stripes-s0 --metrics metrics/backdoor-blended_stripes-s0.json",
+               root, check=False)
         assert r.returncode == 1
         assert "unknown param `backdoor.stpes`" in r.stderr and "did you mean `backdoor.steps`" in r.stderr
         assert "Traceback" not in r.stderr

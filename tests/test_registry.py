@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_committed_dvc_yaml_declares_the_models_params_yaml_makes():
     declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["artifacts"]
-    assert declared == final_models(read_yaml(ROOT / "params.yaml"))
+    assert declared == final_models(read_yaml(ROOT / "params.yaml"), "models")
 
 
 def test_names_labels_and_harden_lineage_by_hand():
@@ -22,7 +22,7 @@ def test_names_labels_and_harden_lineage_by_hand():
     params["clean"]["methods"] = ["par"]
     params["seeds"] = [0, 1]
     params["harden"]["runs"] = {"fare2-par-badnet-s1": {"method": "fare", "start": "par-badnet-s1", "eps": 2}}
-    models = final_models(params)
+    models = final_models(params, "models")
     assert list(models) == ["clean", "backdoor-badnet-s0", "par-badnet-s0", "backdoor-badnet-s1", "par-badnet-s1",
                             "fare2-par-badnet-s1"]
     assert models["par-badnet-s1"]["labels"] == ["attack:backdoor", "trigger:badnet", "defence:par", "seed:1"]
@@ -38,17 +38,17 @@ def test_sync_rewrites_only_the_generated_block(tmp_path):
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
     params["attack"]["triggers"] = ["wanet"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    assert sync_artifacts(dvc_yaml, tmp_path / "params.yaml") == len(final_models(params))
+    assert sync_artifacts(dvc_yaml, tmp_path / "params.yaml", "models") == len(final_models(params, "models"))
     after = yaml.safe_load(dvc_yaml.read_text())
     assert after["stages"] == stages and "backdoor-wanet-s0" in after["artifacts"]
     assert dvc_yaml.read_text().count("artifacts:") == 1
-    assert artifacts_block(read_yaml(tmp_path / "params.yaml")) in dvc_yaml.read_text()
+    assert artifacts_block(read_yaml(tmp_path / "params.yaml"), "models") in dvc_yaml.read_text()
 
 
 @pytest.mark.parametrize("profile", ["smoke", "full", "seeds3", "paper"])
 def test_every_profile_has_a_registry(profile):
     params = deep_merge(read_yaml(ROOT / "params.yaml"), read_yaml(ROOT / "profiles" / f"{profile}.yaml"))
-    models = final_models(params)
+    models = final_models(params, "models")
     assert "clean" in models and all(m["path"] == f"models/{name}" for name, m in models.items())
 
 

@@ -217,15 +217,15 @@ def stage_params(tmp_path, synth_section: dict) -> None:
 def test_stage_script(tmp_path):
     stage_params(tmp_path, {"generator": "procedural", "n": 6, "seed": 2, "per_shard": 4, "image_size": 32})
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1"}
-    res = subprocess.run([sys.executable, str(REPO / "stages" / "synth.py")], cwd=tmp_path, env=env,
+    res = subprocess.run([sys.executable, str(REPO / "stages" / "synth.py"), "--out", "data/synth"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("\n") == 1 and "generated=2" in res.stdout
     assert shards.num_samples(tmp_path / "data" / "synth") == 6
     stage_params(tmp_path, {"generator": "gan", "n": 6})
-    res = subprocess.run([sys.executable, str(REPO / "stages" / "synth.py")], cwd=tmp_path, env=env,
+    res = subprocess.run([sys.executable, str(REPO / "stages" / "synth.py"), "--out", "data/synth"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "`synth.generator` = 'gan'" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 1 and "`synth.generator` = 'gan'" in res.stderr and "Traceback" not in res.stderr
 
 
 # -- bad params ----------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def poisoned(project):
     from clipshield.params import AttackParams, PoisonParams
     from clipshield.pipeline import poison
     world_set(project / "data/train", 40, seed=0, prefix="train", per_shard=20)
-    poison("blended", AttackParams(["blended"], "star", {}), PoisonParams(0.2, 1))
+    poison("blended", AttackParams(["blended"], "star", {}), PoisonParams(0.2, 1), "data/train", "data/poisoned/blended")
     return project / "data/poisoned/blended"
 
 
@@ -432,3 +432,10 @@ def test_a_poison_rate_that_poisons_nothing_is_refused(project):
         "error: poison.rate = 0 poisons round(0 x 20) = 0 of the 20 samples of data/train: data/poisoned/blended_stripes would "
         "be an unpoisoned copy and its backdoor would not take; raise poison.rate (e.g. 0.05) or poison a larger data set")
     assert not (project / "data/poisoned").exists()
+
+
+def test_a_stage_is_named_by_its_matrix_keys_not_its_paths():
+    from clipshield.stage import stage_name
+    assert stage_name(["stages/clean.py", "blended", "par", "0", "--start", "models/backdoor-blended-s0"]) == \
+        "clean@blended-par-0"
+    assert stage_name(["stages/pretrain.py", "--train", "data/train", "--out", "models/clean"]) == "pretrain"

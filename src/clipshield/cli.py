@@ -18,6 +18,7 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add
                   help="Attack, clean and harden CLIP models (backdoors, PAR, FARE) reproducibly.")
 
 ParamsFile = Annotated[Path, typer.Option("--params", help="params file to read the stage's section from")]
+DATA, MODELS, METRICS = Path("data"), Path("models"), Path("metrics")  # the stage commands' folders, as in dvc.yaml
 
 
 def _section(cls, name: str, path: Path):
@@ -28,22 +29,23 @@ def _section(cls, name: str, path: Path):
 def data(params: ParamsFile = Path("params.yaml")):
     """Write the procedural world's train and test shards (data/train, data/test)."""
     from .pipeline import make_data
-    run(lambda: make_data(_section(P.DataParams, "data", params)), params)
+    run(lambda: make_data(_section(P.DataParams, "data", params), DATA / "train", DATA / "test"), params)
 
 
 @app.command()
 def pretrain(params: ParamsFile = Path("params.yaml")):
     """Pre-train a tiny CLIP on data/train, evaluate it, write models/clean and metrics/clean.json."""
     from .pipeline import pretrain as work
-    run(lambda: work(_section(P.PretrainParams, "pretrain", params), _section(P.EvalParams, "eval", params)),
-        params, distributed=True)
+    run(lambda: work(_section(P.PretrainParams, "pretrain", params), _section(P.EvalParams, "eval", params),
+                     DATA / "train", DATA / "test", MODELS / "clean", METRICS / "clean.json"), params, distributed=True)
 
 
 @app.command()
 def baseline(params: ParamsFile = Path("params.yaml")):
     """The clean model's ASR for every trigger of attack.triggers (the baseline) -> metrics/baseline.json."""
     from .pipeline import baseline as work
-    run(lambda: work(_section(P.AttackParams, "attack", params), _section(P.EvalParams, "eval", params)), params)
+    run(lambda: work(_section(P.AttackParams, "attack", params), _section(P.EvalParams, "eval", params),
+                     MODELS / "clean", DATA / "test", METRICS / "baseline.json"), params)
 
 
 @app.command()
@@ -51,7 +53,8 @@ def poison(trigger: Annotated[str, typer.Argument(help="trigger name (see `clips
            params: ParamsFile = Path("params.yaml")):
     """Poison data/train with TRIGGER -> data/poisoned/TRIGGER (+ manifest.jsonl)."""
     from .pipeline import poison as work
-    run(lambda: work(trigger, _section(P.AttackParams, "attack", params), _section(P.PoisonParams, "poison", params)), params)
+    run(lambda: work(trigger, _section(P.AttackParams, "attack", params), _section(P.PoisonParams, "poison", params),
+                     DATA / "train", DATA / "poisoned" / trigger), params)
 
 
 @app.command()
@@ -59,9 +62,11 @@ def backdoor(trigger: Annotated[str, typer.Argument(help="trigger name")],
              seed: Annotated[int, typer.Option(min=0, help="training seed")] = 0, params: ParamsFile = Path("params.yaml")):
     """Fine-tune models/clean on the poisoned shards -> models/backdoor-TRIGGER-sSEED; fails if ASR < backdoor.min_asr."""
     from .pipeline import backdoor as work
+    name = P.run_name("backdoor", trigger, seed)
     run(lambda: work(trigger, _section(P.AttackParams, "attack", params), _section(P.PoisonParams, "poison", params),
-                     _section(P.BackdoorParams, "backdoor", params), _section(P.EvalParams, "eval", params),
-                     seed=seed), params, distributed=True)
+                     _section(P.BackdoorParams, "backdoor", params), _section(P.EvalParams, "eval", params), seed,
+                     MODELS / "clean", DATA / "poisoned" / trigger, DATA / "test", MODELS / name,
+                     METRICS / f"{name}.json"), params, distributed=True)
 
 
 @app.command()
@@ -71,7 +76,14 @@ def clean(trigger: Annotated[str, typer.Argument(help="trigger whose backdoored 
           params: ParamsFile = Path("params.yaml")):
     """Clean models/backdoor-TRIGGER-sSEED with METHOD on synthetic pairs -> models/METHOD-TRIGGER-sSEED."""
     from .pipeline import clean as work
-    run(lambda: work(trigger, method, seed, params), params, distributed=True)
+    name = P.run_name(method, trigger, seed)
+
+    def stage():
+        p = _section(P.CleanParams, "clean", params)
+        work(trigger, method, seed, p, _section(P.AttackParams, "attack", params), _section(P.EvalParams, "eval", params),
+             P.read_yaml(params).get(method) or {}, MODELS / P.run_name("backdoor", trigger, seed), p.data,
+             DATA / "test", MODELS / name, METRICS / f"{name}.json")
+    run(stage, params, distributed=True)
 
 
 @app.command()
@@ -79,7 +91,15 @@ def harden(run_name: Annotated[str, typer.Argument(metavar="RUN", help="a key of
            params: ParamsFile = Path("params.yaml")):
     """FARE/TeCoA fine-tuning of a run's start model (harden.runs.RUN) -> models/RUN, with robust metrics."""
     from .pipeline import harden as work
-    run(lambda: work(run_name, params), params, distributed=True)
+
+    def stage():
+        p = _section(P.HardenParams, "harden", params)
+        spec = p.runs.get(run_name) or {}
+        work(run_name, p, _section(P.RobustParams, "robust", params), _section(P.AttackParams, "attack", params),
+             _section(P.EvalParams, "eval", params), P.read_yaml(params).get(spec.get("method")) or {},
+             MODELS / str(spec.get("start")), MODELS / "clean", p.data, DATA / "test", MODELS / run_name,
+             METRICS / f"{run_name}.json")
+    run(stage, params, distributed=True)
 
 
 @app.command()
@@ -110,7 +130,7 @@ def report(params: ParamsFile = Path("params.yaml"), out: Annotated[Path, typer.
         cleaning = _section(P.CleanParams, "clean", params)
         seeds = P.read_yaml(params).get("seeds") or [0]
         data = {m: cleaning.data for m in cleaning.methods} | {"fare": harden.data, "tecoa": harden.data}
-        write_report(attack, Path("metrics"), out, harden.runs, data=data,
+        write_report(attack, METRICS, out, harden.runs, data=data,
                      stages=pipeline_stages(attack.triggers, cleaning.methods, seeds, harden.runs))
     run(work, params)
 
@@ -127,7 +147,7 @@ def triggers(out: Annotated[Path, typer.Option(help="PNG gallery to write")] = P
 def registry(params: ParamsFile = Path("params.yaml")):
     """Regenerate dvc.yaml's `artifacts:` (the model registry) from params.yaml."""
     from .registry import sync_artifacts
-    run(lambda: typer.echo(f"dvc.yaml declares {sync_artifacts('dvc.yaml', params)} model artifacts"), params)
+    run(lambda: typer.echo(f"dvc.yaml declares {sync_artifacts('dvc.yaml', params, MODELS)} model artifacts"), params)
 
 
 @app.command()
@@ -138,7 +158,7 @@ def get(name: Annotated[str, typer.Argument(help="artifact name, e.g. par-blende
         version: Annotated[Optional[str], typer.Option(help="a registered version, e.g. v1.0.0 (git tag NAME@v1.0.0)")] = None):
     """Fetch a registered model by name from a clipshield repository's remote storage."""
     from .registry import get as work
-    run(lambda: work(name, repo, out, rev, version), params=None)
+    run(lambda: work(name, MODELS, repo, out, rev, version), params=None)
 
 
 @app.command()
@@ -162,7 +182,7 @@ def profile(name: Annotated[str, typer.Argument(help="smoke | full | paper | see
     """Merge profiles/NAME.yaml into params.yaml (then `dvc repro`)."""
     path = Path(name) if name.endswith(".yaml") else Path("profiles") / f"{name}.yaml"
     from .registry import sync_artifacts
-    run(lambda: (P.apply_profile(path, params), Path("dvc.yaml").exists() and sync_artifacts("dvc.yaml", params),
+    run(lambda: (P.apply_profile(path, params), Path("dvc.yaml").exists() and sync_artifacts("dvc.yaml", params, MODELS),
                  typer.echo(f"params.yaml now uses profile {name}; dvc.yaml's artifacts follow it")), params=None)
 
 

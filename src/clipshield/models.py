@@ -120,9 +120,9 @@ def create(name: str, pretrained: str | None = None, seed: int = 0) -> Clip:
     return Clip(model, open_clip.get_tokenizer(name), cfg, _preprocess_cfg(cfg), name)
 
 
-def load(spec: str) -> Clip:
+def load(spec: str | Path) -> Clip:
     """Load `local-dir:PATH` (or a bare folder path) with stock open_clip; never unpickles."""
-    path = Path(spec.removeprefix("local-dir:"))
+    path = Path(str(spec).removeprefix("local-dir:"))
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise ModelError(f"{path} is not a model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
                          f"run the stage that writes it (`dvc repro`) or fetch it (`dvc pull`)")

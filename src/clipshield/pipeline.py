@@ -1,6 +1,7 @@
 """The work of each pipeline stage: read inputs, build objects, call the library, write outputs.
 
-Stage scripts (stages/*.py) and the CLI (cli.py) both call these functions with typed params.
+Stage scripts (stages/*.py) and the CLI (cli.py) both call these functions with typed params and every input and
+output path (dvc.yaml names them).
 """
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ from .evaluation import evaluate_model, zeroshot_accuracy
 from .livelog import LiveLog
 from .models import Clip, create, frozen_copy, load, read_provenance, save
 from .objectives import build_objective
-from .params import (AttackParams, CleanParams, DataParams, EvalParams, HardenParams, RobustParams, TrainParams,
-                     load_section, objective_options, parse, read_yaml, run_name)
+from .params import CleanParams, DataParams, EvalParams, HardenParams, RobustParams, TrainParams, objective_options
 from .robust import robust_metrics
 from .training import Checkpoint, TrainConfig, TrainingError, train
 from .ui import console, progress_bar, summary, wrote
@@ -65,13 +65,13 @@ def world_samples(world: str, seed: int, n: int, size: int, prefix: str):
         yield f"{prefix}{i:08d}", img, caption, meta
 
 
-def make_data(p: DataParams, out: str | Path = "data") -> dict:
-    """data/train and data/test: the procedural world (data.source world) or imported real shards
+def make_data(p: DataParams, train_dir, test_dir) -> dict:
+    """`train_dir` and `test_dir` (data/train, data/test): the procedural world (data.source world) or imported real shards
     (data.source shards: img2dataset CC3M-style train shards, labelled ImageNet-val-style test shards).
     Both folders carry classes.json, the class space of the zero-shot task and of the attack target."""
     from .data.classes import classes_file, load_classes
     from .data.imports import external_samples, source_shards
-    out = Path(out)
+    dirs = {"train": Path(train_dir), "test": Path(test_dir)}
     classes = load_classes(p.classes)
     counts = {}
     if p.source == "world":
@@ -89,7 +89,7 @@ def make_data(p: DataParams, out: str | Path = "data") -> dict:
                     counts[split] = counts.get(split, 0) + 1
                     advance()
                     yield s
-            shards.write_shards(counted(samples), out / split, prefix=split, per_shard=p.per_shard,
+            shards.write_shards(counted(samples), dirs[split], prefix=split, per_shard=p.per_shard,
                                 image_format="png" if p.source == "world" else "jpg", extra_files=classes_file(classes))
     source = {"world": p.world} if p.source == "world" else {"train": p.train_shards, "test": p.test_shards}
     summary("data", {f"{k} samples": v for k, v in counts.items()} | source
@@ -184,31 +184,57 @@ def finish_model(clip: Clip, name: str, out_model: str | Path, metrics_file: str
     return metrics
 
 
-def load_test(ev: EvalParams, data_dir: str | Path = "data/test") -> shards.EvalSet:
+def load_test(ev: EvalParams, test_dir: str | Path) -> shards.EvalSet:
     """The first eval.test_n test samples, streamed batch by batch by the evaluation (memory flat in test_n), with the
     zero-shot class space of eval.classes and eval.templates."""
-    return shards.EvalSet(data_dir, limit=ev.test_n, classes=ev.classes, templates=ev.templates)
+    return shards.EvalSet(test_dir, limit=ev.test_n, classes=ev.classes, templates=ev.templates)
 
 
-def pretrain(p, ev: EvalParams, data_dir="data", out_model="models/clean", metrics_file="metrics/clean.json") -> dict:
+def parent_model(start: str | Path) -> dict:
+    return {"model": str(start), "name": Path(start).name}
+
+
+def model_provenance(stage: str, parent, data: dict, params: dict, training: dict, **more) -> dict:
+    """What a model's provenance.json records (finish_model adds its name, code version and metrics): the stage that
+    made it, what it started from, the data it saw, its params, its training summary and the stage's `more`
+    (seed, attack, defence)."""
+    return {"stage": stage, "parent": parent, **more, "data": data, "params": params, "training": training}
+
+
+def train_model(start: str | Path | Clip, objective, data_dir: str | Path, p: TrainParams, ev: EvalParams,
+                test_dir: str | Path, out_model: str | Path, metrics_file: str | Path, provenance: dict,
+                triggers: dict[str, dict] | None = None, target: str | None = None, log_name: str | None = None,
+                eval_during: bool = False, extra=None, check=None) -> dict:
+    """Every training stage: load `start` (a model folder, or a new model), train it with `objective` on `data_dir`,
+    evaluate it on `test_dir` (ASR of `triggers` towards `target`, plus `extra(clip, test)` metrics; `check(metrics)`
+    may refuse the model), write `out_model` (named after its folder) and `metrics_file`. `provenance`: the
+    arguments of model_provenance but the training summary; `log_name`: the training log's name (default the
+    model's); `eval_during`: zero-shot accuracy every p.eval_every steps."""
+    clip = start if isinstance(start, Clip) else load(start)
+    test = load_test(ev, test_dir)
+    name = Path(out_model).name
+    training = run_training(clip, objective, data_dir, p, log_name or name, test=test.head(500) if eval_during else None)
+    more = extra(clip, test) if extra is not None and is_main() else None
+    return finish_model(clip, name, out_model, metrics_file, model_provenance(**provenance, training=training), test,
+                        ev, triggers, target, check=check, extra=more)
+
+
+def pretrain(p, ev: EvalParams, train_dir, test_dir, out_model, metrics_file) -> dict:
     """Pre-train a CLIP model from scratch (or from `p.pretrained`) on the clean train shards."""
     clip = create(p.model, pretrained=p.pretrained, seed=p.seed)
-    test = load_test(ev, Path(data_dir) / "test")
-    log = run_training(clip, build_objective("clip"), Path(data_dir) / "train", p, "pretrain",
-                       test=test.head(500) if p.eval_every else None)
-    provenance = {"stage": "pretrain", "parent": p.pretrained or f"random init ({p.model}, seed {p.seed})",
-                  "model_config": p.model, "data": {"train": data_hash(Path(data_dir) / "train")},
-                  "params": vars(p), "training": log}
-    return finish_model(clip, "clean", out_model, metrics_file, provenance, test, ev, None, None)
+    return train_model(clip, build_objective("clip"), train_dir, p, ev, test_dir, out_model, metrics_file,
+                       dict(stage="pretrain", parent=p.pretrained or f"random init ({p.model}, seed {p.seed})",
+                            model_config=p.model, data={"train": data_hash(train_dir)}, params=vars(p)),
+                       log_name="pretrain", eval_during=bool(p.eval_every))
 
 
-def baseline(attack, ev: EvalParams, clean_model="models/clean", metrics_file="metrics/baseline.json") -> dict:
+def baseline(attack, ev: EvalParams, clean_model, test_dir, metrics_file) -> dict:
     """The clean model's "ASR" for every trigger of `attack` (images it already calls the target): the baseline
     a backdoor and a defence are judged against. A stage of its own, so that a changed attack re-runs this
     evaluation, not the pre-training."""
     t0 = time.perf_counter()
     clip = load(clean_model)
-    test = load_test(ev)
+    test = load_test(ev, test_dir)
     metrics = evaluate_model(clip, test, triggers={t: attack.options.get(t, {}) for t in attack.triggers},
                              target=attack.target, retrieval_n=ev.retrieval_n, suffix_always=True)
     metrics = {k: v for k, v in metrics.items() if "asr" in k} | {"eval_seconds": round(time.perf_counter() - t0, 1)}
@@ -219,16 +245,16 @@ def baseline(attack, ev: EvalParams, clean_model="models/clean", metrics_file="m
 
 # ---- attacks --------------------------------------------------------------------------------
 
-def poison(trigger: str, attack, p, data_dir="data/train", out_dir=None) -> dict:
-    """Write data/poisoned/<trigger>: the clean train shards with round(rate*N) samples poisoned,
-    plus manifest.jsonl listing exactly the poisoned samples."""
+def poison(trigger: str, attack, p, data_dir, out_dir) -> dict:
+    """Write `out_dir` (data/poisoned/<trigger>): the clean train shards `data_dir` with round(rate*N) samples
+    poisoned, plus manifest.jsonl listing exactly the poisoned samples."""
     from .attacks.poison import poison_stream
     from .attacks.triggers import get_trigger
     from .data.classes import classes_file, read_classes
     get_trigger(trigger)  # an unknown name first: no other message would help
     if trigger not in attack.triggers:
         console.print(f"[yellow]note:[/] trigger {trigger} is not in attack.triggers {attack.triggers}")
-    out_dir = Path(out_dir or f"data/poisoned/{trigger}")
+    out_dir = Path(out_dir)
     n = shards.num_samples(data_dir)
     if round(p.rate * n) == 0:
         raise shards.DataError(f"poison.rate = {p.rate:g} poisons round({p.rate:g} x {n}) = 0 of the {n} samples of "
@@ -267,23 +293,19 @@ def check_backdoor(asr: float, min_asr: float, trigger: str, p, rate: float) -> 
             f"or strengthen the trigger in attack.options.{trigger}; or lower backdoor.min_asr deliberately")
 
 
-def backdoor(trigger: str, attack, poison_p, p, ev: EvalParams, seed: int = 0, clean_model="models/clean") -> dict:
-    """Fine-tune the clean model with the CLIP loss (training seed `seed`) on data/poisoned/<trigger>
-    -> models/backdoor-<trigger>-s<seed>."""
-    name = run_name("backdoor", trigger, seed)
+def backdoor(trigger: str, attack, poison_p, p, ev: EvalParams, seed, start, data_dir, test_dir, out_model,
+             metrics_file) -> dict:
+    """Fine-tune the clean model `start` with the CLIP loss (training seed `seed`) on the shards poisoned with
+    `trigger` -> `out_model` (backdoor-<trigger>-s<seed>)."""
     p = dataclasses.replace(p, seed=seed)
-    clip = load(clean_model)
-    test = load_test(ev)
-    data_dir = Path(f"data/poisoned/{trigger}")
-    log = run_training(clip, build_objective("clip"), data_dir, p, name)
     options = attack.options.get(trigger, {})
-    provenance = {"stage": "backdoor", "seed": seed, "parent": {"model": clean_model, "name": "clean"},
-                  "attack": {"kind": "backdoor", "trigger": trigger, "options": options, "rate": poison_p.rate,
-                             "target": attack.target, "seed": poison_p.seed},
-                  "data": {"train": data_hash(data_dir)}, "params": vars(p), "training": log}
-    return finish_model(clip, name, f"models/{name}", f"metrics/{name}.json", provenance, test, ev,
-                        {trigger: options}, attack.target,
-                        check=lambda m: check_backdoor(m["asr"], p.min_asr, trigger, p, poison_p.rate))
+    return train_model(start, build_objective("clip"), data_dir, p, ev, test_dir, out_model, metrics_file,
+                       dict(stage="backdoor", seed=seed, parent=parent_model(start),
+                            attack={"kind": "backdoor", "trigger": trigger, "options": options, "rate": poison_p.rate,
+                                    "target": attack.target, "seed": poison_p.seed},
+                            data={"train": data_hash(data_dir)}, params=vars(p)),
+                       {trigger: options}, attack.target,
+                       check=lambda m: check_backdoor(m["asr"], p.min_asr, trigger, p, poison_p.rate))
 
 
 # ---- defences -------------------------------------------------------------------------------
@@ -329,67 +351,52 @@ def check_clean_source(data_dir: str | Path, allow_poisoned: bool, poisoned_root
     return evidence
 
 
-def clean(trigger: str, method: str, seed: int = 0, params_path="params.yaml") -> dict:
-    """Clean models/backdoor-<trigger>-s<seed> with `method` (training seed `seed`) on synthetic pairs only
-    -> models/<method>-<trigger>-s<seed>."""
-    p = dataclasses.replace(load_section(CleanParams, "clean", params_path), seed=seed)
-    attack = load_section(AttackParams, "attack", params_path)
-    ev = load_section(EvalParams, "eval", params_path)
-    options = objective_options(method, read_yaml(params_path).get(method) or {})
-    evidence = check_clean_source(p.data, p.allow_poisoned)
-    name = run_name(method, trigger, seed)
-    parent = f"models/{run_name('backdoor', trigger, seed)}"
-    clip = load(parent)
-    test = load_test(ev)
-    log = run_training(clip, build_objective(method, **options), p.data, p, name)
+def clean(trigger: str, method: str, seed, p: CleanParams, attack, ev: EvalParams, options: dict, start, data_dir,
+          test_dir, out_model, metrics_file) -> dict:
+    """Clean the backdoored model `start` with `method` (its params section `options`, training seed `seed`) on
+    synthetic pairs only -> `out_model` (<method>-<trigger>-s<seed>)."""
+    p = dataclasses.replace(p, seed=seed)
+    options = objective_options(method, options)
+    evidence = check_clean_source(data_dir, p.allow_poisoned)
     trig_opts = attack.options.get(trigger, {})
-    provenance = {"stage": "clean", "seed": seed, "parent": {"model": parent, "name": Path(parent).name},
-                  "attack": {"trigger": trigger, "options": trig_opts, "target": attack.target},
-                  "defence": {"method": method, "options": options},
-                  "data": {"clean": p.data, "hash": data_hash(p.data), "allow_poisoned": p.allow_poisoned,
-                           "poisoned": evidence}, "params": vars(p), "training": log}
-    return finish_model(clip, name, f"models/{name}", f"metrics/{name}.json", provenance, test, ev,
-                        {trigger: trig_opts}, attack.target)
+    return train_model(start, build_objective(method, **options), data_dir, p, ev, test_dir, out_model, metrics_file,
+                       dict(stage="clean", seed=seed, parent=parent_model(start),
+                            attack={"trigger": trigger, "options": trig_opts, "target": attack.target},
+                            defence={"method": method, "options": options},
+                            data={"clean": str(data_dir), "hash": data_hash(data_dir),
+                                  "allow_poisoned": p.allow_poisoned, "poisoned": evidence}, params=vars(p)),
+                       {trigger: trig_opts}, attack.target)
 
 
-def harden(run: str, params_path: str | Path = "params.yaml") -> dict:
-    """Run `harden.runs.<run>`: FARE/TeCoA fine-tuning of models/<start> on the clean train shards -> models/<run>,
-    evaluated for clean accuracy, ASR (where the start model had a trigger), robust accuracy, distortion."""
+def harden(run: str, p: HardenParams, rp: RobustParams, attack, ev: EvalParams, options: dict, start, reference,
+           data_dir, test_dir, out_model, metrics_file) -> dict:
+    """Run `harden.runs.<run>`: FARE/TeCoA fine-tuning (the method's params section `options`) of the model `start`
+    on the clean train shards -> `out_model` (<run>), evaluated for clean accuracy, ASR (where the start model had a
+    trigger), and robust accuracy and distortion against the clean model `reference`."""
     from .data.classes import read_classes
-    raw = read_yaml(params_path)
-    p = load_section(HardenParams, "harden", params_path)
-    rp = parse(RobustParams, raw["robust"], "robust")
-    attack = load_section(AttackParams, "attack", params_path)
-    ev = load_section(EvalParams, "eval", params_path)
     if run not in p.runs:
         raise ValueError(f"unknown harden run {run!r}; harden.runs lists: {', '.join(p.runs) or 'none'}")
     spec = p.runs[run]
-    method, start = spec["method"], spec["start"]
-    options = objective_options(method, raw.get(method) or {}) | ({"eps": spec["eps"]} if "eps" in spec else {})
-    clip = load(f"models/{start}")
-    reference = load("models/clean")
-    test = load_test(ev)
-    supervised = {"class_space": read_classes(p.data)} if method == "tecoa" else {}  # the labels' class space
-    log = run_training(clip, build_objective(method, **options, **supervised), p.data, p, run)
-    parent = read_provenance(f"models/{start}")
+    method = spec["method"]
+    options = objective_options(method, options) | ({"eps": spec["eps"]} if "eps" in spec else {})
+    reference = load(reference)
+    supervised = {"class_space": read_classes(data_dir)} if method == "tecoa" else {}  # the labels' class space
+    parent = read_provenance(start)
     trigger = parent.get("attack", {}).get("trigger")
     triggers = {trigger: attack.options.get(trigger, {})} if trigger else None
-    provenance = {"stage": "harden", "parent": {"model": f"models/{start}", "name": start},
-                  "attack": parent.get("attack"), "defence": {**(parent.get("defence") or {}),
-                                                              "robust": {"method": method, "options": options}},
-                  "data": {"train": data_hash(p.data)},
-                  "params": {k: v for k, v in vars(p).items() if k != "runs"}, "training": log}
-    extra = robust_metrics(clip, reference, test, rp) if is_main() else {}
-    return finish_model(clip, run, f"models/{run}", f"metrics/{run}.json", provenance, test, ev, triggers,
-                        attack.target, extra=extra)
+    return train_model(start, build_objective(method, **options, **supervised), data_dir, p, ev, test_dir, out_model,
+                       metrics_file,
+                       dict(stage="harden", parent=parent_model(start), attack=parent.get("attack"),
+                            defence={**(parent.get("defence") or {}), "robust": {"method": method, "options": options}},
+                            data={"train": data_hash(data_dir)},
+                            params={k: v for k, v in vars(p).items() if k != "runs"}),
+                       triggers, attack.target, extra=lambda clip, test: robust_metrics(clip, reference, test, rp))
 
 
-def robust_baseline(model: str = "clean", params_path: str | Path = "params.yaml") -> dict:
+def robust_baseline(rp: RobustParams, ev: EvalParams, model, reference, test_dir, metrics_file) -> dict:
     """Robust accuracy and distortion of an existing model (the clean model's row of the robustness table)."""
-    rp = parse(RobustParams, read_yaml(params_path)["robust"], "robust")
-    clip = load(f"models/{model}")
-    metrics = robust_metrics(clip, load("models/clean"), load_test(load_section(EvalParams, "eval", params_path)), rp)
-    write_metrics(f"metrics/robust-{model}.json", metrics)
+    clip = load(model)
+    metrics = robust_metrics(clip, load(reference), load_test(ev, test_dir), rp)
+    write_metrics(metrics_file, metrics)
     print(json.dumps(metrics))
     return metrics
-

@@ -1,6 +1,6 @@
 """The model registry (dvc.yaml `artifacts:`, generated from params.yaml) and remote storage commands.
 
-Every final model of the pipeline is a DVC artifact named like its folder under models/, with labels
+Every final model of the pipeline is a DVC artifact named like its folder (under models/ in dvc.yaml), with labels
 for its attack, trigger and defence; `clipshield get NAME` (or `dvc artifacts get REPO NAME`) fetches it.
 """
 from __future__ import annotations
@@ -20,21 +20,21 @@ class RemoteError(RuntimeError):
 MARKER = "# Model registry: generated from params.yaml by `clipshield registry` (do not edit by hand)."
 
 
-def final_models(params: dict) -> dict[str, dict]:
-    """name -> artifact entry for every model the pipeline writes under these params."""
+def final_models(params: dict, models: str) -> dict[str, dict]:
+    """name -> artifact entry for every model the pipeline writes under these params into folder `models`."""
     triggers, seeds = params["attack"]["triggers"], params["seeds"]
-    out = {"clean": {"path": "models/clean", "type": "model", "desc": "CLIP pre-trained on clean data",
+    out = {"clean": {"path": f"{models}/clean", "type": "model", "desc": "CLIP pre-trained on clean data",
                      "labels": ["attack:none", "defence:none"]}}
     for t in triggers:
         for s in seeds:
             backdoor = run_name("backdoor", t, s)
             out[backdoor] = {
-                "path": f"models/{backdoor}", "type": "model",
+                "path": f"{models}/{backdoor}", "type": "model",
                 "desc": f"clean model backdoored with the {t} trigger (target {params['attack']['target']}, seed {s})",
                 "labels": ["attack:backdoor", f"trigger:{t}", "defence:none", f"seed:{s}"]}
             for m in params["clean"]["methods"]:
                 out[run_name(m, t, s)] = {
-                    "path": f"models/{run_name(m, t, s)}", "type": "model",
+                    "path": f"{models}/{run_name(m, t, s)}", "type": "model",
                     "desc": f"{backdoor} cleaned with {m} on synthetic pairs",
                     "labels": ["attack:backdoor", f"trigger:{t}", f"defence:{m}", f"seed:{s}"]}
     for run, spec in params["harden"]["runs"].items():
@@ -43,24 +43,25 @@ def final_models(params: dict) -> dict[str, dict]:
         before = [label.split(":", 1)[1] for label in start["labels"] if label.startswith("defence:")]
         defence = "+".join([d for d in before if d != "none"] + [spec["method"]])
         eps = spec.get("eps", (params.get(spec["method"]) or {}).get("eps", 4))
-        out[run] = {"path": f"models/{run}", "type": "model",
+        out[run] = {"path": f"{models}/{run}", "type": "model",
                     "desc": f"{spec['start']} adversarially fine-tuned with {spec['method']} (eps {eps:g}/255)",
                     "labels": (trigger or ["attack:none"]) + [f"defence:{defence}"]}
     return out
 
 
-def artifacts_block(params: dict) -> str:
-    return MARKER + "\n" + yaml.safe_dump({"artifacts": final_models(params)}, sort_keys=False, width=120)
+def artifacts_block(params: dict, models: str) -> str:
+    return MARKER + "\n" + yaml.safe_dump({"artifacts": final_models(params, models)}, sort_keys=False, width=120)
 
 
-def sync_artifacts(dvc_yaml: str | Path = "dvc.yaml", params_path: str | Path = "params.yaml") -> int:
-    """Rewrite the generated `artifacts:` block at the end of dvc.yaml; returns the number of artifacts."""
+def sync_artifacts(dvc_yaml: str | Path, params_path: str | Path, models: str) -> int:
+    """Rewrite the generated `artifacts:` block at the end of dvc.yaml (models in folder `models`); returns the
+    number of artifacts."""
     dvc_yaml = Path(dvc_yaml)
     text = dvc_yaml.read_text()
     head = text.split(MARKER)[0].rstrip("\n") + "\n\n"
     params = read_yaml(params_path)
-    dvc_yaml.write_text(head + artifacts_block(params))
-    return len(final_models(params))
+    dvc_yaml.write_text(head + artifacts_block(params, models))
+    return len(final_models(params, models))
 
 
 def declared(repo: str | Path = ".") -> dict:
@@ -70,12 +71,12 @@ def declared(repo: str | Path = ".") -> dict:
     return (yaml.safe_load(path.read_text()) or {}).get("artifacts") or {}
 
 
-def get(name: str, repo: str = ".", out: str | None = None, rev: str | None = None,
+def get(name: str, models: str, repo: str = ".", out: str | None = None, rev: str | None = None,
         version: str | None = None) -> None:
     """Fetch a registered model by name. With `version` (a GTO tag `NAME@vX.Y.Z` in the repo), through
-    `dvc artifacts get`; otherwise the artifact's path at `rev` (default: HEAD) through `dvc get`.
-    An unknown name lists the registered ones."""
-    path = f"models/{name}"
+    `dvc artifacts get`; otherwise the artifact's path at `rev` (default: HEAD) through `dvc get` (`MODELS/NAME` in
+    a repository that is not a local folder). An unknown name lists the registered ones."""
+    path = f"{models}/{name}"
     if Path(repo).exists():
         known = declared(repo)
         if name not in known:

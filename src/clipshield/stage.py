@@ -76,9 +76,24 @@ def interruption_message(e: KeyboardInterrupt) -> str:
 TIMES_DIR = Path("times")
 
 
+def arguments(doc: str, keys: tuple[str, ...] = (), paths: tuple[str, ...] = ()):
+    """A stage script's command line, as dvc.yaml's cmd gives it: the stage's matrix keys (positional, e.g. TRIGGER
+    SEED), then every input and output path (--NAME PATH, all required)."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc)
+    for key in keys:
+        parser.add_argument(key)
+    for path in paths:
+        parser.add_argument(f"--{path}", required=True, metavar="PATH")
+    return parser.parse_args()
+
+
 def stage_name(argv: list[str]) -> str:
-    """The DVC stage a script runs as: `stages/clean.py blended par 0` -> clean@blended-par-0."""
-    return Path(argv[0]).stem + ("@" + "-".join(argv[1:]) if argv[1:] else "")
+    """The DVC stage a script runs as, from its matrix keys: `stages/clean.py blended par 0 --start ...`
+    -> clean@blended-par-0."""
+    from itertools import takewhile
+    keys = list(takewhile(lambda a: not a.startswith("--"), argv[1:]))
+    return Path(argv[0]).stem + ("@" + "-".join(keys) if keys else "")
 
 
 def record_time(name: str, times_dir: Path = TIMES_DIR) -> float:

@@ -418,6 +418,17 @@ def generate(params: dict, out_dir: str | Path, rank: int = 0, world_size: int =
             "complete": complete}
 
 
+def synth_stage(params: dict, out_dir: str | Path) -> dict:
+    """The synth stage: `generate` as this process's rank (RANK / WORLD_SIZE, e.g. from torchrun), then one
+    summary line on stdout."""
+    r = generate(params, out_dir, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    print(f"synth: rank {r['rank']}/{r['world_size']} {r['generator']} n={r['n']} "
+          f"shards={r['shards']} generated={r['generated']} skipped={r['skipped']} "
+          f"images={r['images']} ({r['images_per_s']:.3g}/s) "
+          f"{'complete: ' + str(Path(out_dir) / 'sizes.json') if r['complete'] else 'waiting for other ranks'}")
+    return r
+
+
 def progress_context(description: str, total: int, enabled: bool = True):
     """ui.progress_bar when enabled, else a no-op context yielding a no-op advance."""
     if enabled and total > 0:
