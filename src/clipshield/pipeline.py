@@ -66,8 +66,8 @@ def world_samples(world: str, seed: int, n: int, size: int, prefix: str):
 
 
 def make_data(p: DataParams, train_dir, test_dir) -> dict:
-    """`train_dir` and `test_dir` (data/train, data/test): the procedural world (data.source world) or imported real shards
-    (data.source shards: img2dataset CC3M-style train shards, labelled ImageNet-val-style test shards).
+    """`train_dir` and `test_dir` (data/train, data/test): the procedural world (data.source world) or imported
+    real shards (data.source shards: img2dataset CC3M-style train shards, labelled ImageNet-val-style test shards).
     Both folders carry classes.json, the class space of the zero-shot task and of the attack target."""
     from .data.classes import classes_file, load_classes
     from .data.imports import external_samples, source_shards
