@@ -5,7 +5,6 @@ normal way to run them, in order and cached.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
