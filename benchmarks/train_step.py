@@ -4,6 +4,7 @@ in-memory tensors tokenised once, same batch size), measured in one process, alt
 robust to a noisy machine: what clipshield's machinery costs.
 
     python benchmarks/train_step.py [--data data/train] [--model tiny-rn] [--batch 128] [--steps 30]
+    python benchmarks/train_step.py --formats ppm,png   # the temporary world stored both ways, one line each
 
 With --nproc N it instead compares the clipshield loop on 1 process and on N processes (torchrun + DDP,
 same global batch), and with --objectives clip,par,fare (e.g. --model ViT-B-32 --batch 256 --bf16 on a
@@ -110,6 +111,8 @@ def main():
     ap.add_argument("--accum", type=int, default=1, help="also time K micro-batches per step (with --objectives)")
     ap.add_argument("--loader-threads", default="0", help="decoding threads ahead of the model (train.loader_threads); "
                     "a comma-separated list times each (e.g. 0,8)")
+    ap.add_argument("--formats", default="auto", help="image formats of the temporary world (shards.write_shards "
+                    "image_format), comma-separated, each timed: e.g. ppm,png")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -119,12 +122,14 @@ def main():
             print(f"{rate:.1f} samples/s")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        data = a.data
-        if data is None:  # the world at the model's input size (ViT-B-32: 224 px)
-            data = Path(tmp) / "train"
+        sets = {"": a.data}
+        if a.data is None:  # the world at the model's input size (ViT-B-32: 224 px)
             size = create(a.model).image_size
-            shards.write_shards(world_samples("base", 0, 4000 if size <= 64 else 2048, size, "b"), data,
-                                prefix="train", per_shard=1000)
+            sets = {f: Path(tmp) / f for f in a.formats.split(",")}
+            for f, folder in sets.items():
+                shards.write_shards(world_samples("base", 0, 4000 if size <= 64 else 2048, size, "b"), folder,
+                                    prefix="train", per_shard=1000, image_format=f)
+        data = next(iter(sets.values()))
         threads = [int(t) for t in a.loader_threads.split(",")]
         if a.nproc > 1:
             return compare_processes(a, data)
@@ -141,17 +146,17 @@ def main():
                              if a.accum > 1 else ""), flush=True)
             return
         batch = next(shards.iter_batches(data, a.batch, shuffle=0))
-        bare, ours = [], {t: [] for t in threads}
-        for _ in range(a.rounds):  # alternate so both see the same machine load
+        bare, ours = [], {(f, t): [] for f in sets for t in threads}
+        for _ in range(a.rounds):  # alternate so all see the same machine load
             bare.append(bare_loop(a.model, batch, a.steps, a.bf16))
-            for t in threads:
-                ours[t].append(clipshield_loop(a.model, data, a.batch, a.steps, bf16=a.bf16, threads=t))
+            for f, t in ours:
+                ours[f, t].append(clipshield_loop(a.model, sets[f], a.batch, a.steps, bf16=a.bf16, threads=t))
     best_bare = max(bare)
     print(f"model {a.model}, batch {a.batch}, bf16 {a.bf16}, {a.steps} steps x {a.rounds} rounds, "
           f"{torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
     print(f"bare loop (in-memory tensors):      {best_bare:8.1f} samples/s   rounds: {', '.join(f'{x:.0f}' for x in bare)}")
-    for t, rates in ours.items():
-        print(f"clipshield loop, loader threads {t}: {max(rates):8.1f} samples/s   rounds: "
+    for (f, t), rates in ours.items():
+        print(f"clipshield loop{f', images ' + f if f else ''}, loader threads {t}: {max(rates):8.1f} samples/s   rounds: "
               f"{', '.join(f'{x:.0f}' for x in rates)}   ratio clipshield/bare: {max(rates) / best_bare:.3f}")
 
 

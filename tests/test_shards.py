@@ -43,11 +43,37 @@ def test_round_trip_exact(dataset):
         assert g["meta"] == meta
 
 
-def test_undecoded_gives_png_bytes(dataset):
+def test_undecoded_gives_the_encoded_bytes(dataset):
     d, samples, _ = dataset
     first = next(shards.iter_samples(d, decode=False))
-    assert isinstance(first["image"], bytes) and first["image"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert first["image"] == b"P6\n4 4\n255\n" + samples[0][1].tobytes()  # small images are stored raw
     assert np.array_equal(shards.decode_image(first["image"]), samples[0][1])
+
+
+def test_images_are_raw_up_to_64_px_png_above(tmp_path):
+    rng = np.random.default_rng(1)
+    for side, ext in ((64, "ppm"), (65, "png")):
+        img = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        shards.write_shards([("k", img, "a caption", {})], tmp_path / str(side))
+        assert shards.tar_members(tmp_path / str(side) / "shard-000000.tar") == ["k.json", f"k.{ext}", "k.txt"]
+        assert np.array_equal(next(shards.iter_samples(tmp_path / str(side)))["image"], img)
+
+
+def test_ppm_is_the_standard_format_and_reads_back_writable():
+    from io import BytesIO
+
+    from PIL import Image
+    img = np.random.default_rng(2).integers(0, 256, (3, 5, 3), dtype=np.uint8)  # 5 wide, 3 high
+    data = shards.encode_ppm(img)
+    assert np.array_equal(np.asarray(Image.open(BytesIO(data))), img)  # any PPM reader sees the same pixels
+    out = shards.decode_image(data)
+    assert np.array_equal(out, img) and out.flags.writeable
+    commented = b"P6\n# made elsewhere\n5 3\n255\n" + img.tobytes()  # a header PIL parses for us
+    assert np.array_equal(shards.decode_image(commented), img)
+    with pytest.raises(ValueError, match="a 5x3 PPM holds 45 pixel bytes, this one 44"):
+        shards.decode_image(data[:-1])
+    with pytest.raises(ValueError, match="image_format 'gif'"):
+        shards.write_shard("unused.tar", [], image_format="gif")
 
 
 def test_writes_are_byte_identical(tmp_path):
@@ -70,7 +96,7 @@ def test_rewrite_replaces_folder(tmp_path):
 def test_tar_members_sorted_with_mtime_zero(dataset):
     d, samples, _ = dataset
     path = d / "train-000000.tar"
-    expected = [f"{k}.{ext}" for k, *_ in samples[:4] for ext in ("json", "png", "txt")]
+    expected = [f"{k}.{ext}" for k, *_ in samples[:4] for ext in ("json", "ppm", "txt")]
     assert shards.tar_members(path) == expected
     with tarfile.open(path) as tf:
         for m in tf.getmembers():
@@ -272,7 +298,7 @@ def test_iter_batches_with_decode_threads_reports_a_corrupt_image(tmp_path):
             ti.size = len(data)
             tf.addfile(ti, __import__("io").BytesIO(data))
     shards.write_sizes(d, {next(d.glob("*.tar")).name: 6})
-    with pytest.raises(DataError, match="bad.*not a readable PNG"):
+    with pytest.raises(DataError, match="bad.*not a readable PPM, PNG or JPEG"):
         list(shards.iter_batches(d, batch_size=3, shuffle=0, epochs=1, threads=2))
 
 

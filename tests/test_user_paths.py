@@ -170,7 +170,9 @@ def good(key: str, side: int = 4) -> dict:
 
 
 @pytest.mark.parametrize("bad, expected", [
-    ({"png": b"\x89PNG\r\n\x1a\n garbage"}, "sample s1 in shard test-000000.tar of ds: its image is not a readable PNG or JPEG"),
+    ({"png": b"\x89PNG\r\n\x1a\n garbage"}, "sample s1 in shard test-000000.tar of ds: its image is not a readable PPM, PNG or JPEG"),
+    ({"png": b"P6\n4 4\n255\n" + bytes(40)}, "sample s1 in shard test-000000.tar of ds: its image is not a readable PPM, PNG or "
+                                              "JPEG (a 4x4 PPM holds 48 pixel bytes, this one 40)"),
     ({"txt": b"a red \xff star."}, "sample s1 in shard test-000000.tar of ds: its caption (s1.txt) is not UTF-8 text"),
     ({"json": b'{"class": '}, "sample s1 in shard test-000000.tar of ds: s1.json is not valid JSON"),
     ({"png": png(8)}, "sample s1 in shard test-000000.tar of ds is 8x8 px, but sample s0 in shard test-000000.tar of ds is 4x4"),

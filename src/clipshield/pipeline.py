@@ -90,7 +90,7 @@ def make_data(p: DataParams, train_dir, test_dir) -> dict:
                     advance()
                     yield s
             shards.write_shards(counted(samples), dirs[split], prefix=split, per_shard=p.per_shard,
-                                image_format="png" if p.source == "world" else "jpg", extra_files=classes_file(classes))
+                                image_format="auto" if p.source == "world" else "jpg", extra_files=classes_file(classes))
     source = {"world": p.world} if p.source == "world" else {"train": p.train_shards, "test": p.test_shards}
     summary("data", {f"{k} samples": v for k, v in counts.items()} | source
             | {"classes": f"{classes.source} ({len(classes.names)})", "size": p.image_size})

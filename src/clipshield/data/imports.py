@@ -21,7 +21,7 @@ from PIL import Image
 from .classes import ClassSpace
 from .shards import DataError
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm")  # ppm: clipshield's own small images
 
 
 def source_shards(spec: str) -> list[str]:

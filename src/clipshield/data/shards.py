@@ -1,6 +1,6 @@
 """webdataset shard I/O: byte-reproducible writing, streaming reading with constant memory.
 
-A data set is a folder of `NAME-000000.tar` shards (per sample KEY.png or KEY.jpg, KEY.txt, KEY.json)
+A data set is a folder of `NAME-000000.tar` shards (per sample KEY.ppm, KEY.png or KEY.jpg, KEY.txt, KEY.json)
 and a `sizes.json` mapping shard file name -> sample count; a labelled one also has `classes.json`
 (data/classes.py). Folders are written into a temporary
 sibling and renamed into place at the end, so an interrupted write never leaves a half data set.
@@ -32,10 +32,26 @@ class DataError(ValueError):
     """A data set is missing, empty or corrupt; the message says how to fix it."""
 
 
+# Images up to this side are stored raw (binary PPM: a 15-byte header, then the pixels). Decoding a 32-px PNG
+# takes PIL about 70 us, reading raw pixels about 1 us, for a third more bytes: at 128 images per step that
+# was 9 ms of a 166 ms training step (benchmarks/train_step.py). Larger images stay PNG: their pixels are big.
+RAW_MAX_SIDE = 64
+
+
+def image_format_for(side: int) -> str:
+    """The lossless format images of this side are written in: raw PPM up to RAW_MAX_SIDE px, PNG above."""
+    return "ppm" if side <= RAW_MAX_SIDE else "png"
+
+
 def encode_png(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
+
+
+def encode_ppm(img: np.ndarray) -> bytes:
+    h, w = img.shape[:2]
+    return b"P6\n%d %d\n255\n" % (w, h) + np.ascontiguousarray(img, np.uint8).tobytes()
 
 
 def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
@@ -44,8 +60,18 @@ def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+ENCODERS = {"ppm": encode_ppm, "png": encode_png, "jpg": encode_jpeg}
+_PPM_HEADER = re.compile(rb"P6\s(\d+)\s(\d+)\s255\s")  # as encode_ppm writes it; others (comments, 16 bit) go to PIL
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """Decode an encoded image (PNG or JPEG) to uint8 HxWx3."""
+    """Decode an encoded image (PPM, PNG or JPEG) to uint8 HxWx3."""
+    header = _PPM_HEADER.match(data)
+    if header is not None:
+        w, h = int(header.group(1)), int(header.group(2))
+        if len(data) - header.end() != w * h * 3:
+            raise ValueError(f"a {w}x{h} PPM holds {w * h * 3} pixel bytes, this one {len(data) - header.end()}")
+        return np.frombuffer(data, np.uint8, offset=header.end()).reshape(h, w, 3).copy()
     image = Image.open(io.BytesIO(data))
     return np.array(image if image.mode == "RGB" else image.convert("RGB"))
 
@@ -55,13 +81,18 @@ def image_extension(data: bytes) -> str:
         return "png"
     if data.startswith(b"\xff\xd8"):
         return "jpg"
-    raise ValueError("image bytes are neither PNG nor JPEG")
+    if data.startswith(b"P6"):
+        return "ppm"
+    raise ValueError("image bytes are neither PPM, PNG nor JPEG")
 
 
-def write_shard(path: str | Path, samples: Iterable[tuple[str, np.ndarray, str, dict]], image_format: str = "png") -> int:
+def write_shard(path: str | Path, samples: Iterable[tuple[str, np.ndarray, str, dict]], image_format: str = "auto") -> int:
     """Write one tar shard of (key, uint8 HxWx3 image or encoded bytes, caption, metadata) samples atomically;
-    returns the sample count. Arrays are encoded as `image_format` (png, lossless: the default; jpg for
-    imported photographs). Fixed mtime, owner and mode: the same samples give the same bytes."""
+    returns the sample count. Arrays are encoded as `image_format`: auto (lossless, `image_format_for` their
+    size: the default), ppm, png, or jpg (imported photographs). Fixed mtime, owner and mode: the same samples
+    give the same bytes."""
+    if image_format != "auto" and image_format not in ENCODERS:
+        raise ValueError(f"image_format {image_format!r}: expected auto, {', '.join(ENCODERS)}")
     n = 0
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         writer = wds.TarWriter(f, mtime=0, user="clipshield", group="clipshield")
@@ -73,7 +104,8 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, np.ndarray, str, 
                 if isinstance(img, bytes):  # already encoded
                     data, ext = img, image_extension(img)
                 else:
-                    data, ext = (encode_jpeg(img), "jpg") if image_format == "jpg" else (encode_png(img), "png")
+                    ext = image_format_for(max(img.shape[:2])) if image_format == "auto" else image_format
+                    data = ENCODERS[ext](img)
                 writer.write({"__key__": key, ext: data, "txt": caption.encode(),
                               "json": json.dumps(meta, sort_keys=True).encode()})
                 n += 1
@@ -87,7 +119,7 @@ def write_sizes(data_dir: str | Path, sizes: dict[str, int]) -> None:
 
 
 def write_shards(samples: Iterable[tuple[str, np.ndarray, str, dict]], out_dir: str | Path,
-                 prefix: str = "shard", per_shard: int = 5000, image_format: str = "png",
+                 prefix: str = "shard", per_shard: int = 5000, image_format: str = "auto",
                  extra_files: dict[str, str] | None = None) -> dict[str, int]:
     """Write a whole data set into `out_dir` atomically (a temp folder renamed into place), with
     `extra_files` {name: text} beside the shards (e.g. classes.json)."""
@@ -231,7 +263,7 @@ def shard_samples(urls: Iterable[dict]) -> Iterator[dict]:
 
 
 def iter_samples(data_dir: str | Path, shuffle: int = 0, seed: int = 0, decode: bool = True) -> Iterator[dict]:
-    """Stream samples: {"key", "image" (uint8 HxWx3, or the PNG bytes if not `decode`), "caption", "meta"}."""
+    """Stream samples: {"key", "image" (uint8 HxWx3, or the encoded bytes if not `decode`), "caption", "meta"}."""
     expected = shard_sizes(data_dir)
     urls = list(expected)
     # Every rank reads every shard in the same order on purpose (iter_batches gives each rank its slice of
@@ -252,12 +284,14 @@ def iter_samples(data_dir: str | Path, shuffle: int = 0, seed: int = 0, decode: 
                             f"(`dvc repro`) or restore it (`dvc pull`)")
         shard = Path(s["__url__"]).name
         try:
-            image = s["jpg"] if "jpg" in s and "png" not in s else s["png"]
+            image = next((s[ext] for ext in ("ppm", "png", "jpg") if ext in s), None)
+            if image is None:
+                raise KeyError("KEY.ppm, KEY.png or KEY.jpg")
             caption, meta_bytes = s["txt"], s["json"]
         except KeyError as e:
             raise DataError(f"sample {key} in shard {shard} of {data_dir} lacks {e} (a truncated "
                             f"shard?); shards "
-                            f"hold KEY.png (or .jpg), KEY.txt and KEY.json: re-create (`dvc repro`) or restore (`dvc pull`)") from e
+                            f"hold KEY.ppm (or .png, .jpg), KEY.txt and KEY.json: re-create (`dvc repro`) or restore (`dvc pull`)") from e
         where, fix = f"sample {key} in shard {shard} of {data_dir}", "re-create the data set (`dvc repro`) or restore it (`dvc pull`)"
         try:
             caption = caption.decode()
@@ -284,7 +318,7 @@ def decode_sample_image(data: bytes, where: str, fix: str) -> np.ndarray:
         return decode_image(data)
     except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated or broken file
         why = "not an image format PIL knows" if "cannot identify image file" in str(e) else str(e)
-        raise DataError(f"{where}: its image is not a readable PNG or JPEG ({why}); {fix}") from e
+        raise DataError(f"{where}: its image is not a readable PPM, PNG or JPEG ({why}); {fix}") from e
 
 
 def _sample_array(s: dict) -> np.ndarray:
@@ -328,7 +362,7 @@ def iter_batches(data_dir: str | Path, batch_size: int, shuffle: int = 2000, see
     """Batches of images in [0,1] (B,3,H,W), captions and labels; reshuffled every epoch. With `uint8` the
     images stay uint8 0..255 (the training loop converts them on its device: `as_float_images`).
 
-    `epochs=None` repeats forever (step-based training). Memory is the shuffle buffer of PNG bytes.
+    `epochs=None` repeats forever (step-based training). Memory is the shuffle buffer of encoded images.
     `start` skips that many batches without decoding them: a resumed run sees exactly the batches
     an uninterrupted one would have seen from there on. Under torchrun every rank reads the same global
     batches and decodes only its own contiguous slice (distributed.local_slice).

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 import yaml
 
-from clipshield.data.shards import DataError, write_shard, write_sizes
+from clipshield.data.shards import DataError, image_format_for, write_shard, write_sizes
 from clipshield.params import ParamsError, parse_synth
 from clipshield.data.world import SHAPES, get_world, render
 
@@ -201,7 +201,8 @@ def shard_complete(path: str | Path, p: dict, k: int, bank: dict | None = None) 
         return False
     gen = _generator_meta(p)
     expected = {sample_key(i): _expected_meta(p, i, bank, gen) for i in _shard_range(p, k)}
-    want = {f"{key}.{ext}" for key in expected for ext in ("json", "png", "txt")}
+    image_ext = image_format_for(max(_saved_size(p)) if p["generator"] == "diffusion" else p["image_size"])
+    want = {f"{key}.{ext}" for key in expected for ext in ("json", image_ext, "txt")}
     try:
         size = path.stat().st_size
         with tarfile.open(path) as tf:
