@@ -110,6 +110,38 @@ def test_par_loss_is_clip_minus_pert():
     assert torch.equal(loss_far, clip_loss(img, txt, scale))
 
 
+def test_cleanclip_inmodal_loss_is_one_directional_as_the_reference():
+    from clipshield.objectives.cleanclip import inmodal_loss
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert torch.isclose(inmodal_loss(x, x, torch.tensor(1.0)), torch.tensor(math.log(1 + math.exp(-1))))
+    # both originals equally close to both views: each row is log 2; the columns (not used) would differ
+    views = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert torch.isclose(inmodal_loss(x, views, torch.tensor(1.0)), torch.tensor(math.log(2)))
+    assert not torch.isclose(clip_loss(x, views, torch.tensor(1.0)), torch.tensor(math.log(2)))
+
+
+def test_batch_norm_trains_in_cleanclip_only_as_the_references_do():
+    """CleanCLIP's reference trains in model.train(); PAR's calls model.eval() in its zero-shot check at iteration 0
+    of every epoch and trains on so: after one step, CleanCLIP has moved the running statistics, PAR and
+    fine-tuning have not."""
+    from itertools import repeat
+
+    from clipshield import models
+    from clipshield.training import TrainConfig, train
+    g = torch.Generator().manual_seed(0)
+    batch = {"images": torch.rand((4, 3, 32, 32), generator=g), "captions": ["a red star."] * 2 + ["a blue heart."] * 2}
+    moved = {}
+    for name in ("cleanclip", "par", "finetune"):
+        clip = models.create("smoke-rn", seed=0)
+        bn = next(m for m in clip.model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        before = bn.running_mean.clone()
+        obj = build_objective(name)
+        frozen = models.frozen_copy(clip) if getattr(obj, "needs_frozen", False) else None
+        train(clip, obj, repeat(batch), TrainConfig(steps=1, lr=1e-4, log_every=1), frozen=frozen)
+        moved[name] = not torch.equal(bn.running_mean, before)
+    assert moved == {"cleanclip": True, "par": False, "finetune": False}
+
+
 def test_build_objective_unknown():
     with pytest.raises(ValueError) as e:
         build_objective("nope")

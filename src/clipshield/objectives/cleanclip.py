@@ -1,7 +1,9 @@
 """CleanCLIP: L_CLIP + w * (in-modal contrastive loss image vs AutoAugment view + caption vs EDA view).
 
 As the reference (nishadsinghi/CleanCLIP src/train.py) trains it: both towers and the logit scale (capped at 100),
-one scale for all three contrastive terms."""
+one scale for all three contrastive terms; the in-modal terms in one direction only (each original against the
+batch of augmented views); batch norm in train mode (its `model.train()`), normalising with the statistics of the
+originals and their views together."""
 from __future__ import annotations
 
 import random
@@ -12,9 +14,15 @@ from .augment import auto_augment, eda
 from .clip import ClipObjective, clip_loss, logit_scale_of
 
 
+def inmodal_loss(x: torch.Tensor, x_aug: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each original (row) against the batch of augmented views, its own view the positive."""
+    logits = scale * x @ x_aug.t()
+    return torch.nn.functional.cross_entropy(logits, torch.arange(len(x), device=x.device))
+
+
 class CleanClipObjective(ClipObjective):
     name = "cleanclip"
-    train_batchnorm = False
+    train_batchnorm = True
 
     def __init__(self, weight: float = 1.0, seed: int = 0):
         super().__init__()
@@ -41,8 +49,8 @@ class CleanClipObjective(ClipObjective):
     def loss(self, f, clip):
         scale = logit_scale_of(clip, None)
         l_clip = clip_loss(f["img"], f["txt"], scale)
-        l_img = clip_loss(f["img"], f["img_aug"], scale)
-        l_txt = clip_loss(f["txt"], f["txt_aug"], scale)
+        l_img = inmodal_loss(f["img"], f["img_aug"], scale)
+        l_txt = inmodal_loss(f["txt"], f["txt_aug"], scale)
         loss = l_clip + self.weight * (l_img + l_txt) / 2
         return loss, {"clip_loss": l_clip.detach(), "inmodal_image": l_img.detach(), "inmodal_text": l_txt.detach(),
                       "logit_scale": float(scale.detach())}
