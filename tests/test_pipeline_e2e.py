@@ -126,6 +126,18 @@ def test_exp_run_par_eps_reruns_only_par_stages_and_their_dependents(project):
     # only if metrics changed. Never the data, backdoor or other cleaning stages.
     assert ran[0] == "clean@blended_stripes-par-0", exp.stdout
     assert set(ran) <= {"clean@blended_stripes-par-0", "harden@fare-par-blended_stripes-s0", "report"}, exp.stdout
+    # The sweep collects the experiment beside the commit it branched from, each with its own metrics.
+    model = "par-blended_stripes-s0"
+    sweep = sh(f"clipshield sweep par.eps --model {model} --out sweeps", root)
+    rows = {r["par.eps"]: r for r in json.loads((root / "sweeps/par.eps.json").read_text())}
+    committed_eps = yaml.safe_load(sh("git show HEAD:params.yaml", root).stdout)["par"]["eps"]
+    assert sorted(rows) == sorted([1.8, committed_eps]), rows
+    after = json.loads((root / f"metrics/{model}.json").read_text())
+    before = json.loads(sh(f"git show HEAD:metrics/{model}.json", root).stdout)
+    for eps, m in ((1.8, after), (committed_eps, before)):
+        assert {k: rows[eps][f"{model}.{k}"] for k in ("asr", "zeroshot_top1")} == {
+            k: m[k] for k in ("asr", "zeroshot_top1")}, (eps, rows[eps], m)
+    assert sweep.stdout.startswith("| experiment | par.eps |") and (root / "sweeps/par.eps.png").exists()
 
 
 def test_a_changed_attack_does_not_rerun_pretraining(project):

@@ -135,6 +135,23 @@ def report(params: ParamsFile = Path("params.yaml"), out: Annotated[Path, typer.
 
 
 @app.command()
+def sweep(param: Annotated[str, typer.Argument(help="the swept parameter, e.g. par.eps")],
+          model: Annotated[list[str], typer.Option(help="model(s) whose metrics to collect, e.g. "
+                                                    "par-blended_stripes-s0")],
+          out: Annotated[Path, typer.Option(help="folder for <param>.md, .json and .png")] = Path("reports/sweeps")):
+    """Collect the experiments of one parameter (`dvc exp run [--queue] -S PARAM=V`) into a table and a plot."""
+    from .sweep import write_sweep
+    from .ui import console
+
+    def work():
+        import dvc.api
+        _, table = write_sweep(dvc.api.exp_show(), param, model, out)
+        typer.echo(table.read_text(), nl=False)
+        console.print(f"wrote {table}, {table.with_suffix('.json')} and {table.with_suffix('.png')}", highlight=False)
+    run(work, params=None)
+
+
+@app.command()
 def triggers(out: Annotated[Path, typer.Option(help="PNG gallery to write")] = Path("reports/triggers.png"),
              params: ParamsFile = Path("params.yaml")):
     """List the triggers and draw a gallery of them on test images."""

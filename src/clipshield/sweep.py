@@ -1,0 +1,89 @@
+"""A sweep: the experiments of one parameter (`dvc exp run [--queue] -S PARAM=V`) as one table and one plot.
+
+DVC keeps each experiment's params and metrics; `dvc.api.exp_show()` lists them as flat rows whose columns are
+named `PARAM` or `FILE:KEY` (with the file's path wherever two files share a key, as every model's metrics do).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .report import save_figure
+
+KEYS = ("zeroshot_top1", "asr", "i2t_r5", "t2i_r5")
+
+
+def cell(row: dict, *names: str) -> float | None:
+    """The first of `names` that `row` holds as a finite number; None for a missing or failed value ('-', '!')."""
+    for name in names:
+        v = row.get(name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
+    return None
+
+
+def sweep_rows(experiments: list[dict], param: str, models: list[str], keys: tuple[str, ...] = KEYS) -> list[dict]:
+    """One row per experiment that has a value of `param` and every metric: its name, the value, and
+    `<model>.<key>` for each model (metrics/<model>.json) and key. Sorted by the value; an experiment that repeats
+    another's value and metrics (the workspace beside its own commit) is listed once."""
+    rows, seen = [], set()
+    # The workspace last: when it repeats a commit's or an experiment's results, the row keeps that name.
+    for e in sorted(experiments, key=lambda e: e.get("rev") == "workspace"):
+        value = cell(e, f"params.yaml:{param}", param)
+        if value is None or e.get("State") in ("Queued", "Running", "Failed"):
+            continue  # not finished: a running one shows its parent's metrics for the stages still to run
+        row = {"experiment": str(e.get("Experiment") or e.get("rev")), param: value}
+        for model in models:
+            for key in keys:
+                row[f"{model}.{key}"] = cell(e, f"metrics/{model}.json:{key}")
+        if any(v is None for v in row.values()):
+            continue  # a model this experiment has no metrics of
+        signature = tuple(v for k, v in row.items() if k != "experiment")
+        if signature in seen:
+            continue
+        seen.add(signature)
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r[param], r["experiment"]))
+
+
+def markdown(rows: list[dict], param: str, models: list[str], keys: tuple[str, ...] = KEYS) -> str:
+    head = ["experiment", param] + [f"{m} {k}" for m in models for k in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        vals = [r["experiment"], f"{r[param]:g}"] + [f"{r[f'{m}.{k}']:.3f}" for m in models for k in keys]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], param: str, models: list[str], out: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [r[param] for r in rows]
+    for i, m in enumerate(models):
+        color = f"C{i}"
+        ax.plot(x, [r[f"{m}.asr"] for r in rows], "o-", color=color, label=f"{m}: ASR")
+        ax.plot(x, [r[f"{m}.zeroshot_top1"] for r in rows], "s--", color=color, label=f"{m}: clean top-1")
+    ax.set_xlabel(param)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"sweep of {param} ({len(rows)} experiments)")
+    save_figure(fig, out, dpi=120)
+
+
+def write_sweep(experiments: list[dict], param: str, models: list[str], out_dir: Path) -> tuple[list[dict], Path]:
+    """reports/sweeps/<param>.{md,json,png} from `dvc.api.exp_show()`'s rows. Needs two measured values."""
+    rows = sweep_rows(experiments, param, models)
+    values = {r[param] for r in rows}
+    if len(values) < 2:
+        found = ", ".join(f"{r['experiment']} ({param}={r[param]:g})" for r in rows) or "none"
+        raise ValueError(f"a sweep of {param} needs experiments at two values or more with metrics of "
+                         f"{', '.join(models)}; found: {found}. Run e.g. `dvc exp run --queue -S {param}=...` "
+                         f"for each value, then `dvc queue start` (or `dvc exp run -S {param}=...`)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / param
+    Path(f"{base}.md").write_text(markdown(rows, param, models))
+    Path(f"{base}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    plot(rows, param, models, Path(f"{base}.png"))
+    return rows, Path(f"{base}.md")

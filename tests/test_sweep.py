@@ -1,0 +1,62 @@
+"""A sweep's table from rows shaped as `dvc.api.exp_show()` gives them (read off a real queue of par.eps
+experiments: `metrics/<model>.json:<key>` columns, '!' for a running experiment's missing values, None for a
+queued one's)."""
+import json
+
+import pytest
+
+from clipshield.sweep import markdown, sweep_rows, write_sweep
+
+PAR = "par-blended_stripes-s0"
+
+
+def exp(name, rev, eps, asr, top1=0.95, state=None, model=PAR):
+    m = f"metrics/{model}.json"
+    return {"Experiment": name, "rev": rev, "Created": None, "State": state, "par.eps": eps,
+            f"{m}:asr": asr, f"{m}:zeroshot_top1": top1, f"{m}:i2t_r5": 0.4, f"{m}:t2i_r5": 0.87,
+            f"{m}:n_test": 2000.0}
+
+
+ROWS = [
+    exp(None, "workspace", 1.8, 0.2),         # the workspace after `dvc exp run -S par.eps=1.8`: its results
+    exp(None, "main", 2.15, 0.1375, 0.9505),  # the commit the experiments branch from
+    exp("par-eps-2.5", "58199fb", 2.5, 0.05, 0.91),
+    exp("par-eps-1.8", "b300074", 1.8, 0.2),
+    exp("par-eps-1.5", "405025e", 1.5, "!", "!", state="Running"),
+    exp("par-eps-3", "77aa001", 3.0, None, None, state="Queued"),
+    exp("par-eps-1.2", "a1b2c3d", 1.2, 0.3, state="Failed"),
+]
+
+
+def test_one_row_per_finished_result_sorted_by_the_value():
+    rows = sweep_rows(ROWS, "par.eps", [PAR])
+    assert [(r["experiment"], r["par.eps"]) for r in rows] == [("par-eps-1.8", 1.8), ("main", 2.15), ("par-eps-2.5", 2.5)]
+    assert rows[1][f"{PAR}.asr"] == 0.1375 and rows[1][f"{PAR}.zeroshot_top1"] == 0.9505
+    assert rows[2][f"{PAR}.i2t_r5"] == 0.4 and rows[2][f"{PAR}.t2i_r5"] == 0.87
+
+
+def test_an_experiment_without_a_models_metrics_is_left_out():
+    other = exp("other-model", "c0ffee1", 2.0, 0.5, model="finetune-blended_stripes-s0")
+    assert [r["experiment"] for r in sweep_rows(ROWS + [other], "par.eps", [PAR])] == ["par-eps-1.8", "main", "par-eps-2.5"]
+    assert sweep_rows(ROWS, "par.eps", ["no-such-model"]) == []
+
+
+def test_markdown_has_a_column_per_model_and_key():
+    text = markdown(sweep_rows(ROWS, "par.eps", [PAR]), "par.eps", [PAR])
+    lines = text.splitlines()
+    assert lines[0] == (f"| experiment | par.eps | {PAR} zeroshot_top1 | {PAR} asr | {PAR} i2t_r5 | {PAR} t2i_r5 |")
+    assert lines[3] == "| main | 2.15 | 0.951 | 0.138 | 0.400 | 0.870 |"
+
+
+def test_write_sweep_writes_table_json_and_plot(tmp_path):
+    rows, table = write_sweep(ROWS, "par.eps", [PAR], tmp_path / "sweeps")
+    assert table == tmp_path / "sweeps" / "par.eps.md"
+    assert json.loads(table.with_suffix(".json").read_text()) == rows
+    assert table.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sweep_of_one_value_says_what_to_run(tmp_path):
+    with pytest.raises(ValueError, match=r"needs experiments at two values or more .* found: main \(par.eps=2.15\)\. "
+                                         r"Run e\.g\. `dvc exp run --queue -S par.eps=\.\.\.`"):
+        write_sweep(ROWS[1:2], "par.eps", [PAR], tmp_path)
+    assert not (tmp_path / "par.eps.md").exists()
