@@ -71,3 +71,9 @@ def test_profile_merges_into_params(project):
     assert "train_n: 1200" in (project / "params.yaml").read_text()
     missing = runner.invoke(app, ["profile", "huge"])
     assert missing.exit_code == 1 and "available: full, paper, seeds3, smoke" in missing.stderr
+
+
+def test_sweep_outside_a_dvc_project_says_where_to_run_it(project):
+    result = runner.invoke(app, ["sweep", "par.eps", "--model", "par-blended_stripes-s0"])
+    assert result.exit_code == 1
+    assert "DVC could not list the experiments here" in result.stderr and "project's folder" in result.stderr

@@ -138,16 +138,23 @@ def report(params: ParamsFile = Path("params.yaml"), out: Annotated[Path, typer.
 def sweep(param: Annotated[str, typer.Argument(help="the swept parameter, e.g. par.eps")],
           model: Annotated[list[str], typer.Option(help="model(s) whose metrics to collect, e.g. "
                                                     "par-blended_stripes-s0")],
-          out: Annotated[Path, typer.Option(help="folder for <param>.md, .json and .png")] = Path("reports/sweeps")):
+          out: Annotated[Path, typer.Option(help="folder for <param>.md, .json and .png")] = Path("results/sweeps")):
     """Collect the experiments of one parameter (`dvc exp run [--queue] -S PARAM=V`) into a table and a plot."""
     from .sweep import write_sweep
     from .ui import console
 
     def work():
         import dvc.api
-        _, table = write_sweep(dvc.api.exp_show(), param, model, out)
+        from dvc.exceptions import DvcException
+        try:
+            experiments = dvc.api.exp_show()
+        except DvcException as e:
+            raise ValueError(f"DVC could not list the experiments here: {e}. Run `clipshield sweep` in the "
+                             f"project's folder") from e
+        _, table = write_sweep(experiments, param, model, out)
         typer.echo(table.read_text(), nl=False)
-        console.print(f"wrote {table}, {table.with_suffix('.json')} and {table.with_suffix('.png')}", highlight=False)
+        console.print(f"wrote {table}, {table.with_suffix('.json')} and {table.with_suffix('.png')}", highlight=False,
+                      soft_wrap=True)
     run(work, params=None)
 
 

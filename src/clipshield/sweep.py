@@ -73,7 +73,7 @@ def plot(rows: list[dict], param: str, models: list[str], out: Path) -> None:
 
 
 def write_sweep(experiments: list[dict], param: str, models: list[str], out_dir: Path) -> tuple[list[dict], Path]:
-    """reports/sweeps/<param>.{md,json,png} from `dvc.api.exp_show()`'s rows. Needs two measured values."""
+    """<out_dir>/<param>.{md,json,png} from `dvc.api.exp_show()`'s rows. Needs two measured values."""
     rows = sweep_rows(experiments, param, models)
     values = {r[param] for r in rows}
     if len(values) < 2:
