@@ -60,3 +60,19 @@ def test_a_sweep_of_one_value_says_what_to_run(tmp_path):
                                          r"Run e\.g\. `dvc exp run --queue -S par.eps=\.\.\.`"):
         write_sweep(ROWS[1:2], "par.eps", [PAR], tmp_path)
     assert not (tmp_path / "par.eps.md").exists()
+
+
+def test_chosen_keys_of_several_models_as_a_poison_rate_sweep_collects_them(tmp_path):
+    def rate_exp(name, rate, asrs):
+        row = {"Experiment": name, "rev": name, "State": "Success", "poison.rate": rate}
+        for model, asr in asrs.items():  # only asr and top-1 recorded: retrieval keys are not asked for
+            row |= {f"metrics/{model}.json:asr": asr, f"metrics/{model}.json:zeroshot_top1": 0.97}
+        return row
+    a, b = "backdoor-badnet-s0", "backdoor-wanet-s0"
+    experiments = [rate_exp("r2", 0.02, {a: 1.0, b: 0.99}), rate_exp("r025", 0.0025, {a: 0.5, b: 0.1})]
+    keys = ("asr", "zeroshot_top1")
+    rows, table = write_sweep(experiments, "poison.rate", [a, b], tmp_path, keys)
+    assert [(r["poison.rate"], r[f"{a}.asr"], r[f"{b}.asr"]) for r in rows] == [(0.0025, 0.5, 0.1), (0.02, 1.0, 0.99)]
+    assert table.read_text().splitlines()[0] == (f"| experiment | poison.rate | {a} asr | {a} zeroshot_top1 | "
+                                                 f"{b} asr | {b} zeroshot_top1 |")
+    assert sweep_rows(experiments, "poison.rate", [a, b]) == []  # the default keys include retrieval, not recorded here

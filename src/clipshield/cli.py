@@ -138,6 +138,8 @@ def report(params: ParamsFile = Path("params.yaml"), out: Annotated[Path, typer.
 def sweep(param: Annotated[str, typer.Argument(help="the swept parameter, e.g. par.eps")],
           model: Annotated[list[str], typer.Option(help="model(s) whose metrics to collect, e.g. "
                                                     "par-blended_stripes-s0")],
+          key: Annotated[list[str], typer.Option(help="metric(s) to collect of every model (metrics/<model>.json)")]
+          = ["zeroshot_top1", "asr", "i2t_r5", "t2i_r5"],
           out: Annotated[Path, typer.Option(help="folder for <param>.md, .json and .png")] = Path("results/sweeps")):
     """Collect the experiments of one parameter (`dvc exp run [--queue] -S PARAM=V`) into a table and a plot."""
     from .sweep import write_sweep
@@ -151,7 +153,7 @@ def sweep(param: Annotated[str, typer.Argument(help="the swept parameter, e.g. p
         except DvcException as e:
             raise ValueError(f"DVC could not list the experiments here: {e}. Run `clipshield sweep` in the "
                              f"project's folder") from e
-        _, table = write_sweep(experiments, param, model, out)
+        _, table = write_sweep(experiments, param, model, out, tuple(key))
         typer.echo(table.read_text(), nl=False)
         console.print(f"wrote {table}, {table.with_suffix('.json')} and {table.with_suffix('.png')}", highlight=False,
                       soft_wrap=True)

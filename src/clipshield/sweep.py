@@ -56,14 +56,21 @@ def markdown(rows: list[dict], param: str, models: list[str], keys: tuple[str, .
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], param: str, models: list[str], out: Path) -> None:
+PLOTTED = {"asr": ("o-", "ASR"), "zeroshot_top1": ("s--", "clean top-1")}
+
+
+def plot(rows: list[dict], param: str, models: list[str], out: Path, keys: tuple[str, ...] = KEYS) -> None:
+    """ASR (solid) and clean top-1 (dashed) of every model against the value, where `keys` has them."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     x = [r[param] for r in rows]
     for i, m in enumerate(models):
-        color = f"C{i}"
-        ax.plot(x, [r[f"{m}.asr"] for r in rows], "o-", color=color, label=f"{m}: ASR")
-        ax.plot(x, [r[f"{m}.zeroshot_top1"] for r in rows], "s--", color=color, label=f"{m}: clean top-1")
+        for key in (k for k in PLOTTED if k in keys):
+            style, label = PLOTTED[key]
+            ax.plot(x, [r[f"{m}.{key}"] for r in rows], style, color=f"C{i}", label=f"{m}: {label}")
+    if min(x) > 0 and max(x) / min(x) >= 8:  # e.g. poison rates 0.25% .. 2%: equal steps per doubling
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [f"{v:g}" for v in x])
     ax.set_xlabel(param)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
@@ -72,9 +79,10 @@ def plot(rows: list[dict], param: str, models: list[str], out: Path) -> None:
     save_figure(fig, out, dpi=120)
 
 
-def write_sweep(experiments: list[dict], param: str, models: list[str], out_dir: Path) -> tuple[list[dict], Path]:
+def write_sweep(experiments: list[dict], param: str, models: list[str], out_dir: Path,
+                keys: tuple[str, ...] = KEYS) -> tuple[list[dict], Path]:
     """<out_dir>/<param>.{md,json,png} from `dvc.api.exp_show()`'s rows. Needs two measured values."""
-    rows = sweep_rows(experiments, param, models)
+    rows = sweep_rows(experiments, param, models, keys)
     values = {r[param] for r in rows}
     if len(values) < 2:
         found = ", ".join(f"{r['experiment']} ({param}={r[param]:g})" for r in rows) or "none"
@@ -83,7 +91,7 @@ def write_sweep(experiments: list[dict], param: str, models: list[str], out_dir:
                          f"for each value, then `dvc queue start` (or `dvc exp run -S {param}=...`)")
     out_dir.mkdir(parents=True, exist_ok=True)
     base = out_dir / param
-    Path(f"{base}.md").write_text(markdown(rows, param, models))
+    Path(f"{base}.md").write_text(markdown(rows, param, models, keys))
     Path(f"{base}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    plot(rows, param, models, Path(f"{base}.png"))
+    plot(rows, param, models, Path(f"{base}.png"), keys)
     return rows, Path(f"{base}.md")
