@@ -76,3 +76,14 @@ def test_chosen_keys_of_several_models_as_a_poison_rate_sweep_collects_them(tmp_
     assert table.read_text().splitlines()[0] == (f"| experiment | poison.rate | {a} asr | {a} zeroshot_top1 | "
                                                  f"{b} asr | {b} zeroshot_top1 |")
     assert sweep_rows(experiments, "poison.rate", [a, b]) == []  # the default keys include retrieval, not recorded here
+
+
+def test_a_pattern_names_every_model_it_matches_in_the_experiments(tmp_path):
+    from clipshield.sweep import expand_models
+    rows = [exp("a", "1", 1.8, 0.2, model="backdoor-wanet-s0"), exp("b", "2", 2.5, 0.1, model="backdoor-badnet-s0"),
+            exp("c", "3", 2.5, 0.1)]
+    assert expand_models(rows, ["backdoor-*-s0"]) == ["backdoor-badnet-s0", "backdoor-wanet-s0"]
+    assert expand_models(rows, [PAR, "backdoor-w*"]) == [PAR, "backdoor-wanet-s0"]
+    assert expand_models(rows, ["finetune-*"]) == []
+    with pytest.raises(ValueError, match=r"no experiment has metrics of a model named finetune-\*"):
+        write_sweep(rows, "par.eps", ["finetune-*"], tmp_path)

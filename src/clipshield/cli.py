@@ -137,7 +137,7 @@ def report(params: ParamsFile = Path("params.yaml"), out: Annotated[Path, typer.
 @app.command()
 def sweep(param: Annotated[str, typer.Argument(help="the swept parameter, e.g. par.eps")],
           model: Annotated[list[str], typer.Option(help="model(s) whose metrics to collect, e.g. "
-                                                    "par-blended_stripes-s0")],
+                                                    "par-blended_stripes-s0, or a pattern: 'backdoor-*-s0'")],
           key: Annotated[list[str], typer.Option(help="metric(s) to collect of every model (metrics/<model>.json)")]
           = ["zeroshot_top1", "asr", "i2t_r5", "t2i_r5"],
           out: Annotated[Path, typer.Option(help="folder for <param>.md, .json and .png")] = Path("results/sweeps")):

@@ -23,6 +23,19 @@ def cell(row: dict, *names: str) -> float | None:
     return None
 
 
+def expand_models(experiments: list[dict], patterns: list[str]) -> list[str]:
+    """`patterns` with shell wildcards (`backdoor-*-s0`) replaced by the model names that the experiments' metric
+    columns (`metrics/<model>.json:<key>`) hold, sorted; a name without wildcards is kept as it is."""
+    import fnmatch
+    import re
+    found = {m.group(1) for e in experiments for k in e if (m := re.match(r"metrics/(.+)\.json:", str(k)))}
+    models = []
+    for pattern in patterns:
+        names = sorted(fnmatch.filter(found, pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        models += [n for n in names if n not in models]
+    return models
+
+
 def sweep_rows(experiments: list[dict], param: str, models: list[str], keys: tuple[str, ...] = KEYS) -> list[dict]:
     """One row per experiment that has a value of `param` and every metric: its name, the value, and
     `<model>.<key>` for each model (metrics/<model>.json) and key. Sorted by the value; an experiment that repeats
@@ -82,6 +95,10 @@ def plot(rows: list[dict], param: str, models: list[str], out: Path, keys: tuple
 def write_sweep(experiments: list[dict], param: str, models: list[str], out_dir: Path,
                 keys: tuple[str, ...] = KEYS) -> tuple[list[dict], Path]:
     """<out_dir>/<param>.{md,json,png} from `dvc.api.exp_show()`'s rows. Needs two measured values."""
+    patterns, models = models, expand_models(experiments, models)
+    if not models:
+        raise ValueError(f"no experiment has metrics of a model named {', '.join(patterns)}; `dvc exp show` lists "
+                         f"the metric files (metrics/<model>.json)")
     rows = sweep_rows(experiments, param, models, keys)
     values = {r[param] for r in rows}
     if len(values) < 2:
