@@ -140,6 +140,8 @@ def sweep(param: Annotated[str, typer.Argument(help="the swept parameter, e.g. p
                                                     "par-blended_stripes-s0, or a pattern: 'backdoor-*-s0'")],
           key: Annotated[list[str], typer.Option(help="metric(s) to collect of every model (metrics/<model>.json)")]
           = ["zeroshot_top1", "asr", "i2t_r5", "t2i_r5"],
+          commits: Annotated[int, typer.Option(min=1, help="collect the experiments of the last N commits (an "
+                                                 "experiment belongs to the commit it was run or queued from)")] = 1,
           out: Annotated[Path, typer.Option(help="folder for <param>.md, .json and .png")] = Path("results/sweeps")):
     """Collect the experiments of one parameter (`dvc exp run [--queue] -S PARAM=V`) into a table and a plot."""
     from .sweep import write_sweep
@@ -149,7 +151,7 @@ def sweep(param: Annotated[str, typer.Argument(help="the swept parameter, e.g. p
         import dvc.api
         from dvc.exceptions import DvcException
         try:
-            experiments = dvc.api.exp_show()
+            experiments = dvc.api.exp_show(num=commits)
         except DvcException as e:
             raise ValueError(f"DVC could not list the experiments here: {e}. Run `clipshield sweep` in the "
                              f"project's folder") from e

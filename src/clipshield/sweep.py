@@ -105,7 +105,8 @@ def write_sweep(experiments: list[dict], param: str, models: list[str], out_dir:
         found = ", ".join(f"{r['experiment']} ({param}={r[param]:g})" for r in rows) or "none"
         raise ValueError(f"a sweep of {param} needs experiments at two values or more with metrics of "
                          f"{', '.join(models)}; found: {found}. Run e.g. `dvc exp run --queue -S {param}=...` "
-                         f"for each value, then `dvc queue start` (or `dvc exp run -S {param}=...`)")
+                         f"for each value, then `dvc queue start` (or `dvc exp run -S {param}=...`); experiments run from "
+                         f"an earlier commit than HEAD are collected with `clipshield sweep --commits N`")
     out_dir.mkdir(parents=True, exist_ok=True)
     base = out_dir / param
     Path(f"{base}.md").write_text(markdown(rows, param, models, keys))
