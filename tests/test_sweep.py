@@ -87,3 +87,16 @@ def test_a_pattern_names_every_model_it_matches_in_the_experiments(tmp_path):
     assert expand_models(rows, ["finetune-*"]) == []
     with pytest.raises(ValueError, match=r"no experiment has metrics of a model named finetune-\*"):
         write_sweep(rows, "par.eps", ["finetune-*"], tmp_path)
+
+
+def test_three_models_or_more_get_a_table_per_key_with_a_row_per_model():
+    models = ["backdoor-a-s0", "backdoor-b-s0", "backdoor-c-s0"]
+    rows = [{"experiment": "r1", "poison.rate": 0.005, **{f"{m}.asr": 0.5 + i / 10 for i, m in enumerate(models)},
+             **{f"{m}.zeroshot_top1": 0.99 for m in models}},
+            {"experiment": "r2", "poison.rate": 0.01, **{f"{m}.asr": 0.9 for m in models},
+             **{f"{m}.zeroshot_top1": 0.98 for m in models}}]
+    lines = markdown(rows, "poison.rate", models, ("asr", "zeroshot_top1")).splitlines()
+    assert lines[:6] == ["asr:", "", "| model | poison.rate=0.005 (r1) | poison.rate=0.01 (r2) |", "|---|---|---|",
+                         "| backdoor-a-s0 | 0.500 | 0.900 |", "| backdoor-b-s0 | 0.600 | 0.900 |"]
+    assert lines[8:11] == ["zeroshot_top1:", "", "| model | poison.rate=0.005 (r1) | poison.rate=0.01 (r2) |"]
+    assert lines[-1] == "| backdoor-c-s0 | 0.990 | 0.980 |"

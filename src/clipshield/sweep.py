@@ -61,11 +61,20 @@ def sweep_rows(experiments: list[dict], param: str, models: list[str], keys: tup
 
 
 def markdown(rows: list[dict], param: str, models: list[str], keys: tuple[str, ...] = KEYS) -> str:
-    head = ["experiment", param] + [f"{m} {k}" for m in models for k in keys]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        vals = [r["experiment"], f"{r[param]:g}"] + [f"{r[f'{m}.{k}']:.3f}" for m in models for k in keys]
-        lines.append("| " + " | ".join(vals) + " |")
+    """A row per experiment and a column per model and key; from three models on (six backdoors x two keys would
+    not fit one row), a table per key with a row per model and a column per experiment."""
+    if len(models) <= 2:
+        head = ["experiment", param] + [f"{m} {k}" for m in models for k in keys]
+        body = [[r["experiment"], f"{r[param]:g}"] + [f"{r[f'{m}.{k}']:.3f}" for m in models for k in keys]
+                for r in rows]
+        return table(head, body)
+    head = ["model"] + [f"{param}={r[param]:g} ({r['experiment']})" for r in rows]
+    return "\n".join(f"{k}:\n\n" + table(head, [[m] + [f"{r[f'{m}.{k}']:.3f}" for r in rows] for m in models])
+                     for k in keys)
+
+
+def table(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines) + "\n"
 
 
@@ -75,7 +84,8 @@ PLOTTED = {"asr": ("o-", "ASR"), "zeroshot_top1": ("s--", "clean top-1")}
 def plot(rows: list[dict], param: str, models: list[str], out: Path, keys: tuple[str, ...] = KEYS) -> None:
     """ASR (solid) and clean top-1 (dashed) of every model against the value, where `keys` has them."""
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    many = len(models) > 2
+    fig, ax = plt.subplots(figsize=(9 if many else 6, 4))
     x = [r[param] for r in rows]
     for i, m in enumerate(models):
         for key in (k for k in PLOTTED if k in keys):
@@ -87,7 +97,7 @@ def plot(rows: list[dict], param: str, models: list[str], out: Path, keys: tuple
     ax.set_xlabel(param)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, **({"loc": "center left", "bbox_to_anchor": (1.01, 0.5)} if many else {}))
     ax.set_title(f"sweep of {param} ({len(rows)} experiments)")
     save_figure(fig, out, dpi=120)
 
