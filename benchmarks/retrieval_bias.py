@@ -4,7 +4,10 @@ For every model, on the evaluation's retrieval subset (the first eval.retrieval_
 matches as `evaluation.recall_at_k` counts them), prints i2t and t2i R@5 as the metrics report them, and i2t R@5
 again after subtracting from each caption's similarities their mean over all images. A caption-specific offset
 shared by every image leaves t2i unchanged (it is constant along a t2i ranking) but reorders every i2t ranking;
-if removing it restores i2t, that offset is what the cleaning added. A diagnostic: the metrics stay as they are.
+if removing it restores i2t, that offset is what the cleaning added. The offset is each caption's similarity to
+the images' mean direction, so the last two columns give the length of the mean of the normalised image (and caption)
+embeddings: near 0 when they spread over the sphere, 1 when they all point one way. A diagnostic: the metrics stay
+as they are.
 
     python benchmarks/retrieval_bias.py [--test data/test] [--n 1000] models/backdoor-... models/par-... ...
 """
@@ -37,15 +40,18 @@ def main():
     ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
     groups = torch.tensor([ids[c] for c in captions])
     print(f"{len(samples)} test pairs, {len(ids)} distinct captions")
-    print(f"{'model':40s} {'i2t R@5':>8s} {'t2i R@5':>8s} {'i2t, caption offset removed':>28s} {'offset std':>11s}")
+    print(f"{'model':40s} {'i2t R@5':>8s} {'t2i R@5':>8s} {'i2t, caption offset removed':>28s} {'offset std':>11s} "
+          f"{'|mean img|':>10s} {'|mean txt|':>10s}")
     for path in a.models:
         clip = load(path)
         img, txt = encode_images(clip, images), encode_texts(clip, captions)
         r = recall_at_k(img, txt, groups, ks=(5,))
-        sim = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
+        img, txt = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
+        sim = img @ txt.T
         offset = sim.mean(dim=0, keepdim=True)  # each caption's mean similarity to all images
         print(f"{path:40s} {r['i2t_r5']:8.3f} {r['t2i_r5']:8.3f} {r5_i2t(sim - offset, groups):28.3f} "
-              f"{offset.std().item():11.4f}")
+              f"{offset.std().item():11.4f} {img.mean(dim=0).norm().item():10.3f} "
+              f"{txt.mean(dim=0).norm().item():10.3f}")
 
 
 if __name__ == "__main__":
