@@ -144,7 +144,9 @@ def test_a_changed_attack_does_not_rerun_pretraining(project):
     root, _ = project
     params = (root / "params.yaml").read_text()
     try:
-        (root / "params.yaml").write_text(params.replace("target: star", "target: heart"))
+        changed = params.replace(f"target: {yaml.safe_load(params)['attack']['target']}", "target: heart")
+        assert changed != params
+        (root / "params.yaml").write_text(changed)
         status = sh("dvc status", root).stdout
         assert "baseline:" in status and "poison@blended_stripes:" in status, status
         assert "pretrain:" not in status and "data:" not in status, status

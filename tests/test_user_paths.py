@@ -265,6 +265,25 @@ def test_a_model_config_without_weights_needs_random_init(folder):
     assert runner.invoke(app, ["evaluate", "--model", "smoke-rn", "--random-init"]).exit_code == 0
 
 
+def test_evaluate_takes_the_target_from_params_unless_given(folder):
+    def asr_of(*extra):
+        result = runner.invoke(app, ["evaluate", "--model", "local-dir:models/m", "--trigger", "blended", *extra])
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)["asr"]
+
+    by_target = {name: asr_of("--target", name) for name in world_classes().names}
+    a = world_classes().names[0]
+    b = next(name for name in by_target if by_target[name] != by_target[a])  # a target this model scores otherwise
+    for target in (a, b):
+        edit_params(Path("params.yaml"), lambda p: p["attack"].update(target=target))
+        assert asr_of() == by_target[target]
+    result = runner.invoke(app, ["evaluate", "--model", "local-dir:models/m", "--trigger", "blended", "--params",
+                                 "elsewhere.yaml"])
+    assert result.exit_code == 1
+    assert one_line(result.stderr) == ("error: --trigger needs a target class: give --target, or --params with an "
+                                       "attack section (elsewhere.yaml does not exist)")
+
+
 # ---- 6. interruption messages that are true -------------------------------------------------------
 
 class StopAt(Objective):

@@ -105,7 +105,8 @@ def harden(run_name: Annotated[str, typer.Argument(metavar="RUN", help="a key of
 def evaluate(model: Annotated[str, typer.Option(help="local-dir:PATH, or an open_clip model name")],
              pretrained: Annotated[Optional[str], typer.Option(help="open_clip pretrained tag or weight file")] = None,
              trigger: Annotated[list[str], typer.Option(help="trigger(s) to measure ASR for")] = [],
-             target: Annotated[str, typer.Option(help="backdoor target class")] = "star",
+             target: Annotated[Optional[str], typer.Option(help="backdoor target class (default: attack.target of "
+                                                               "--params)")] = None,
              test: Annotated[Path, typer.Option(help="test shard folder")] = Path("data/test"),
              test_n: Annotated[Optional[int], typer.Option(min=1, help="test images (default: eval.test_n)")] = None,
              robust: Annotated[bool, typer.Option(help="also robust accuracy at every eps of params' robust")] = False,

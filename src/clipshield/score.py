@@ -20,7 +20,7 @@ from .robust import robust_accuracies
 from .ui import console
 
 
-def score(model: str, pretrained: str | None, triggers: list[str], target: str, test_dir: str | Path,
+def score(model: str, pretrained: str | None, triggers: list[str], target: str | None, test_dir: str | Path,
           test_n: int | None, params_path: str | Path = "params.yaml", out: str | Path | None = None,
           robust: bool = False, random_init: bool = False) -> dict:
     if out is not None and (Path(out).is_dir() or Path(out).parent.is_file()):
@@ -32,7 +32,14 @@ def score(model: str, pretrained: str | None, triggers: list[str], target: str, 
                          f"--pretrained (an open_clip tag or a weight file), a model folder (--model local-dir:PATH), "
                          f"or --random-init to score a random model on purpose")
     raw = read_yaml(params_path) if Path(params_path).exists() else {}
-    options = parse(AttackParams, raw["attack"], "attack").options if "attack" in raw else {}
+    attack = parse(AttackParams, raw["attack"], "attack") if "attack" in raw else None
+    options = attack.options if attack else {}
+    if target is None and triggers:
+        if attack is None:
+            why = "has none" if Path(params_path).exists() else "does not exist"
+            raise ValueError(f"--trigger needs a target class: give --target, or --params with an attack section "
+                             f"({params_path} {why})")
+        target = attack.target
     ev = parse(EvalParams, raw["eval"], "eval") if "eval" in raw else EvalParams(test_n=2000, retrieval_n=1000)
     test_n = test_n or ev.test_n
     clip = load(model) if local else create(model, pretrained)
