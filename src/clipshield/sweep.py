@@ -12,6 +12,7 @@ from pathlib import Path
 from .report import save_figure
 
 KEYS = ("zeroshot_top1", "asr", "i2t_r5", "t2i_r5")
+MANY_MODELS = 3  # from this many models on, the table has a row per model and the plot's legend stands beside it
 
 
 def cell(row: dict, *names: str) -> float | None:
@@ -63,7 +64,7 @@ def sweep_rows(experiments: list[dict], param: str, models: list[str], keys: tup
 def markdown(rows: list[dict], param: str, models: list[str], keys: tuple[str, ...] = KEYS) -> str:
     """A row per experiment and a column per model and key; from three models on (six backdoors x two keys would
     not fit one row), a table per key with a row per model and a column per experiment."""
-    if len(models) <= 2:
+    if len(models) < MANY_MODELS:
         head = ["experiment", param] + [f"{m} {k}" for m in models for k in keys]
         body = [[r["experiment"], f"{r[param]:g}"] + [f"{r[f'{m}.{k}']:.3f}" for m in models for k in keys]
                 for r in rows]
@@ -84,7 +85,7 @@ PLOTTED = {"asr": ("o-", "ASR"), "zeroshot_top1": ("s--", "clean top-1")}
 def plot(rows: list[dict], param: str, models: list[str], out: Path, keys: tuple[str, ...] = KEYS) -> None:
     """ASR (solid) and clean top-1 (dashed) of every model against the value, where `keys` has them."""
     import matplotlib.pyplot as plt
-    many = len(models) > 2
+    many = len(models) >= MANY_MODELS
     fig, ax = plt.subplots(figsize=(9 if many else 6, 4))
     x = [r[param] for r in rows]
     for i, m in enumerate(models):
