@@ -6,6 +6,10 @@ robust to a noisy machine: what clipshield's machinery costs.
     python benchmarks/train_step.py [--data data/train] [--model tiny-rn] [--batch 128] [--steps 30]
     python benchmarks/train_step.py --formats ppm,png   # the temporary world stored both ways, one line each
 
+With --layouts contiguous,channels_last it times the bare loop with the conv weights in each memory layout.
+clipshield keeps PyTorch's default (contiguous): on tiny-rn, 2 CPU cores, the world's images, channels-last
+steps in 0.98-1.01x the time (session 15; 0.82x on torch.randn inputs, which is why a synthetic benchmark misleads).
+
 With --nproc N it instead compares the clipshield loop on 1 process and on N processes (torchrun + DDP,
 same global batch), and with --objectives clip,par,fare (e.g. --model ViT-B-32 --batch 256 --bf16 on a
 GPU) the samples/s of each objective; --accum K adds each objective with K micro-batches per step
@@ -28,10 +32,14 @@ from clipshield.pipeline import world_samples
 from clipshield.training import TrainConfig, train
 
 
-def bare_loop(model_name: str, batch: dict, steps: int, bf16: bool = False) -> float:
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def bare_step(model_name: str, batch: dict, bf16: bool = False, layout: str = "contiguous"):
+    """One training step of the bare loop, as a closure over its model and optimizer (warmed up)."""
     from clipshield.pipeline import device
     clip = create(model_name)
-    model = clip.model.train().to(device())
+    model = clip.model.train().to(device(), memory_format=LAYOUTS[layout])
     tokens = clip.tokenize(batch["captions"]).to(device())
     mean = torch.tensor(clip.preprocess_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(clip.preprocess_cfg["std"]).view(1, 3, 1, 1)
@@ -50,11 +58,16 @@ def bare_loop(model_name: str, batch: dict, steps: int, bf16: bool = False) -> f
         opt.step()
     step()  # warm-up (CUDA kernels, allocator), as clipshield's loop warms up on its first step
     sync()
+    return step
+
+
+def bare_loop(model_name: str, batch: dict, steps: int, bf16: bool = False) -> float:
+    step = bare_step(model_name, batch, bf16)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     sync()
-    return steps * len(images) / (time.perf_counter() - t0)
+    return steps * len(batch["images"]) / (time.perf_counter() - t0)
 
 
 def sync() -> None:
@@ -98,6 +111,27 @@ def compare_processes(a, data: Path) -> None:
     print(f"ratio {a.nproc} processes / 1: {rates[a.nproc] / rates[1]:.3f}")
 
 
+def compare_layouts(a, batch: dict) -> None:
+    """Alternates chunks of 5 steps between the layouts and reports the median of the per-chunk time ratios:
+    this machine's load drifts by 20% within seconds, a chunk sees the same load for every layout."""
+    import statistics
+    layouts = a.layouts.split(",")
+    steps = {k: bare_step(a.model, batch, a.bf16, layout=k) for k in layouts}
+    seconds = {k: [] for k in layouts}
+    for _ in range(max(1, a.steps * a.rounds // 5)):
+        for k, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(5):
+                step()
+            sync()
+            seconds[k].append((time.perf_counter() - t0) / 5)
+    print(f"bare loop, model {a.model}, batch {a.batch}, bf16 {a.bf16}, {len(seconds[layouts[0]])} chunks of 5 steps, "
+          f"{torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    for k, s in seconds.items():
+        ratio = statistics.median(x / y for x, y in zip(s, seconds[layouts[0]]))
+        print(f"{k:>14}: {statistics.median(s):.4f} s/step (median)   step time / {layouts[0]}'s: {ratio:.3f} (median over chunks)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=None, help="train shards (default: a temporary 4k-sample world)")
@@ -113,6 +147,8 @@ def main():
                     "a comma-separated list times each (e.g. 0,8)")
     ap.add_argument("--formats", default="auto", help="image formats of the temporary world (shards.write_shards "
                     "image_format), comma-separated, each timed: e.g. ppm,png")
+    ap.add_argument("--layouts", default="", help="time the bare loop with each weight layout, e.g. "
+                    "contiguous,channels_last")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -146,6 +182,8 @@ def main():
                              if a.accum > 1 else ""), flush=True)
             return
         batch = next(shards.iter_batches(data, a.batch, shuffle=0))
+        if a.layouts:
+            return compare_layouts(a, batch)
         bare, ours = [], {(f, t): [] for f in sets for t in threads}
         for _ in range(a.rounds):  # alternate so all see the same machine load
             bare.append(bare_loop(a.model, batch, a.steps, a.bf16))
