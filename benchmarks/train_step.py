@@ -9,6 +9,10 @@ robust to a noisy machine: what clipshield's machinery costs.
 With --layouts contiguous,channels_last it times the bare loop with the conv weights in each memory layout.
 clipshield keeps PyTorch's default (contiguous): on tiny-rn, 2 CPU cores, the world's images, channels-last
 steps in 0.98-1.01x the time (session 15; 0.82x on torch.randn inputs, which is why a synthetic benchmark misleads).
+With --compile it times the bare loop eager and with the model under torch.compile (compile time printed). On
+tiny-rn, 2 CPU cores (session 16): 0.955x and 0.971x the step time in two runs, after 122 s of compiling with a cold
+inductor cache (7 s warm). The default run's ~1,700 s of training would save about 60 s, and every stage (its own
+process) compiles again, so `train.compile: auto` stays off without a GPU.
 
 With --nproc N it instead compares the clipshield loop on 1 process and on N processes (torchrun + DDP,
 same global batch), and with --objectives clip,par,fare (e.g. --model ViT-B-32 --batch 256 --bf16 on a
@@ -35,7 +39,7 @@ from clipshield.training import TrainConfig, train
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def bare_step(model_name: str, batch: dict, bf16: bool = False, layout: str = "contiguous"):
+def bare_step(model_name: str, batch: dict, bf16: bool = False, layout: str = "contiguous", compiled: bool = False):
     """One training step of the bare loop, as a closure over its model and optimizer (warmed up)."""
     from clipshield.pipeline import device
     clip = create(model_name)
@@ -47,17 +51,21 @@ def bare_step(model_name: str, batch: dict, bf16: bool = False, layout: str = "c
     loss_fn = open_clip.ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as clipshield's loop: the ratio is overhead
     autocast = torch.autocast(device().type, dtype=torch.bfloat16, enabled=bf16)
+    forward = torch.compile(model) if compiled else model
 
     def step():
         with autocast:
-            img, txt, scale = model(images, tokens)[:3]
+            img, txt, scale = forward(images, tokens)[:3]
             loss = loss_fn(img, txt, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    step()  # warm-up (CUDA kernels, allocator), as clipshield's loop warms up on its first step
+    t0 = time.perf_counter()
+    step()  # warm-up (CUDA kernels, allocator; compiling), as clipshield's loop warms up on its first step
     sync()
+    if compiled:
+        print(f"compiled in {time.perf_counter() - t0:.1f} s (first step)")
     return step
 
 
@@ -111,12 +119,11 @@ def compare_processes(a, data: Path) -> None:
     print(f"ratio {a.nproc} processes / 1: {rates[a.nproc] / rates[1]:.3f}")
 
 
-def compare_layouts(a, batch: dict) -> None:
-    """Alternates chunks of 5 steps between the layouts and reports the median of the per-chunk time ratios:
-    this machine's load drifts by 20% within seconds, a chunk sees the same load for every layout."""
+def compare_steps(a, steps: dict) -> None:
+    """Alternates chunks of 5 steps between the variants and reports the median of the per-chunk time ratios
+    to the first: this machine's load drifts by 20% within seconds, a chunk sees the same load for every variant."""
     import statistics
-    layouts = a.layouts.split(",")
-    steps = {k: bare_step(a.model, batch, a.bf16, layout=k) for k in layouts}
+    layouts = list(steps)
     seconds = {k: [] for k in layouts}
     for _ in range(max(1, a.steps * a.rounds // 5)):
         for k, step in steps.items():
@@ -149,8 +156,12 @@ def main():
                     "image_format), comma-separated, each timed: e.g. ppm,png")
     ap.add_argument("--layouts", default="", help="time the bare loop with each weight layout, e.g. "
                     "contiguous,channels_last")
+    ap.add_argument("--compile", action="store_true", help="time the bare loop eager and under torch.compile")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    unknown = [k for k in a.layouts.split(",") if a.layouts and k not in LAYOUTS]
+    if unknown:
+        ap.error(f"--layouts: unknown layout(s) {', '.join(unknown)}; choose from {', '.join(LAYOUTS)}")
     if a.worker:
         rate = clipshield_loop(a.model, a.data, a.batch, a.steps)
         from clipshield import distributed
@@ -183,7 +194,10 @@ def main():
             return
         batch = next(shards.iter_batches(data, a.batch, shuffle=0))
         if a.layouts:
-            return compare_layouts(a, batch)
+            return compare_steps(a, {k: bare_step(a.model, batch, a.bf16, layout=k) for k in a.layouts.split(",")})
+        if a.compile:
+            return compare_steps(a, {k: bare_step(a.model, batch, a.bf16, compiled=k == "compiled")
+                                     for k in ("eager", "compiled")})
         bare, ours = [], {(f, t): [] for f in sets for t in threads}
         for _ in range(a.rounds):  # alternate so all see the same machine load
             bare.append(bare_loop(a.model, batch, a.steps, a.bf16))
