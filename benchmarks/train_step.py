@@ -123,8 +123,8 @@ def compare_steps(a, steps: dict) -> None:
     """Alternates chunks of 5 steps between the variants and reports the median of the per-chunk time ratios
     to the first: this machine's load drifts by 20% within seconds, a chunk sees the same load for every variant."""
     import statistics
-    layouts = list(steps)
-    seconds = {k: [] for k in layouts}
+    names = list(steps)
+    seconds = {k: [] for k in names}
     for _ in range(max(1, a.steps * a.rounds // 5)):
         for k, step in steps.items():
             t0 = time.perf_counter()
@@ -132,11 +132,11 @@ def compare_steps(a, steps: dict) -> None:
                 step()
             sync()
             seconds[k].append((time.perf_counter() - t0) / 5)
-    print(f"bare loop, model {a.model}, batch {a.batch}, bf16 {a.bf16}, {len(seconds[layouts[0]])} chunks of 5 steps, "
+    print(f"bare loop, model {a.model}, batch {a.batch}, bf16 {a.bf16}, {len(seconds[names[0]])} chunks of 5 steps, "
           f"{torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
     for k, s in seconds.items():
-        ratio = statistics.median(x / y for x, y in zip(s, seconds[layouts[0]]))
-        print(f"{k:>14}: {statistics.median(s):.4f} s/step (median)   step time / {layouts[0]}'s: {ratio:.3f} (median over chunks)")
+        ratio = statistics.median(x / y for x, y in zip(s, seconds[names[0]]))
+        print(f"{k:>14}: {statistics.median(s):.4f} s/step (median)   step time / {names[0]}'s: {ratio:.3f} (median over chunks)")
 
 
 def main():
