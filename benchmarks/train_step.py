@@ -154,9 +154,10 @@ def main():
                     "a comma-separated list times each (e.g. 0,8)")
     ap.add_argument("--formats", default="auto", help="image formats of the temporary world (shards.write_shards "
                     "image_format), comma-separated, each timed: e.g. ppm,png")
-    ap.add_argument("--layouts", default="", help="time the bare loop with each weight layout, e.g. "
-                    "contiguous,channels_last")
-    ap.add_argument("--compile", action="store_true", help="time the bare loop eager and under torch.compile")
+    variants = ap.add_mutually_exclusive_group()
+    variants.add_argument("--layouts", default="", help="time the bare loop with each weight layout, e.g. "
+                          "contiguous,channels_last")
+    variants.add_argument("--compile", action="store_true", help="time the bare loop eager and under torch.compile")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     unknown = [k for k in a.layouts.split(",") if a.layouts and k not in LAYOUTS]
