@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -67,10 +69,30 @@ def test_rendered_world_keeps_the_captions_and_changes_the_renderer():
     assert RENDERED.templates == BASE.templates and set(RENDERED.colours) == set(BASE.colours)
     for name, (r, g, b) in BASE.colours.items():  # every colour 0.05 less red, 0.05 more green (clipped)
         assert RENDERED.colours[name] == pytest.approx((max(0.0, r - 0.05), min(1.0, g + 0.05), b))
-    assert RENDERED.backgrounds == SHIFTED.backgrounds and RENDERED.max_rotation_deg > BASE.max_rotation_deg
-    caps = [render(RENDERED, 0, i, size=8)[1] for i in range(50)]
-    words = {w.strip(".,") for c in caps for w in c.split()}
-    assert not words & (set(SHIFTED.colours) - set(BASE.colours))  # no new colour words
+    assert RENDERED.backgrounds == BASE.backgrounds and RENDERED.max_rotation_deg > BASE.max_rotation_deg
+
+    def words(world):
+        return {w.strip(".,") for i in range(300) for w in render(world, 0, i, size=8)[1].split()}
+
+    assert words(RENDERED) == words(BASE)  # not one caption word the pre-training never saw, none missing
+
+
+def test_rendered_world_draws_grey_shaded_and_noise_as_specks():
+    assert RENDERED.drawn_as == {"grey": "shaded", "noisy": "speckled"}
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        flat, shaded = world._background("grey", rng, 32), world._background("shaded", rng, 32)
+        assert np.ptp(flat, axis=(0, 1)).max() < 1e-9  # one level per channel, flat
+        ramp = shaded.mean(axis=2)
+        assert max(np.ptp(ramp[0]), np.ptp(ramp[:, 0])) >= 0.1  # a ramp along one axis...
+        assert min(np.ptp(ramp[0]), np.ptp(ramp[:, 0])) < 1e-9  # ...constant along the other
+        assert np.ptp(shaded, axis=2).max() <= 0.2 + 1e-9  # still grey: channels within 2 x 0.05 tint
+    # the renderer follows drawn_as: "grey" drawn as "light" makes most pixels light, the caption still says grey
+    light_grey = dataclasses.replace(BASE, drawn_as={"grey": "light"})
+    i = next(i for i in range(200) if render(BASE, 0, i)[2]["background"] == "grey")
+    (grey_img, _, grey_meta), (light_img, _, light_meta) = render(BASE, 0, i), render(light_grey, 0, i)
+    assert grey_meta["background"] == light_meta["background"] == "grey"
+    assert np.median(grey_img) < 0.65 * 255 < 0.75 * 255 < np.median(light_img)
 
 
 def test_get_world():
