@@ -208,6 +208,18 @@ def test_resume_detects_changed_params_and_tampering(tmp_path):
     assert files(tmp_path) == first
 
 
+def test_resume_redraws_shards_of_another_renderer(tmp_path, monkeypatch):
+    synth.generate(PROC, tmp_path, progress=False)
+    first = files(tmp_path)
+    assert synth.generate(PROC, tmp_path, progress=False)["generated"] == 0
+    # data/world.py edited (say, a background drawn another way): same params, every shard is redrawn
+    monkeypatch.setattr(synth, "renderer_digest", lambda: "another-renderer")
+    r = synth.generate(PROC, tmp_path, progress=False)
+    assert (r["generated"], r["skipped"], r["complete"]) == (3, 0, True)
+    assert files(tmp_path) != first
+    assert {s["meta"]["generator"]["renderer"] for s in shards.iter_samples(tmp_path)} == {"another-renderer"}
+
+
 def stage_params(tmp_path, synth_section: dict) -> None:
     """The repo's params.yaml with another synth section (the stage validates the whole file first)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())

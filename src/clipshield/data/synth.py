@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import yaml
 
 from clipshield.data.shards import DataError, image_format_for, write_shard, write_sizes
 from clipshield.params import ParamsError, parse_synth
+from clipshield.data import world as world_code
 from clipshield.data.world import SHAPES, get_world, render
 
 BANK_PATH = Path(__file__).with_name("concepts.yaml")
@@ -158,12 +160,20 @@ def _generator_meta(p: dict) -> dict:
     """What the content of a sample depends on besides (seed, index): recorded in every sample's
     metadata, so a resumed run never keeps shards made with other settings."""
     if p["generator"] == "procedural":
-        return {"name": "procedural", "world": p["world"], "image_size": p["image_size"]}
+        return {"name": "procedural", "world": p["world"], "image_size": p["image_size"],
+                "renderer": renderer_digest()}
     path = Path(p["model"]).expanduser()
     model = path.resolve().name if path.is_dir() else p["model"]
     return {"name": "diffusion", "model": model, "height": p["height"], "width": p["width"],
             "steps": p["steps"], "guidance": p["guidance"], "scheduler": p["scheduler"],
             "image_size": p["image_size"]}
+
+
+@lru_cache(maxsize=1)
+def renderer_digest() -> str:
+    """The procedural renderer's code (data/world.py, hashed): DVC reruns the stage when it changes, and the
+    resume must not then keep shards the old code drew (cheap to redraw: a second per 800 images)."""
+    return hashlib.sha256(Path(world_code.__file__).read_bytes()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------
