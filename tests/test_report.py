@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from clipshield.report import aggregate, backdoor_verdict, collect, markdown_table, pipeline_stages, state, time_table
+from clipshield.report import (aggregate, backdoor_verdict, collect, markdown_table, paper_table, pipeline_stages, state,
+                               time_table)
 
 
 @pytest.fixture
@@ -83,3 +84,13 @@ def test_the_table_has_a_robust_column_for_every_radius_scored(metrics):
     rows = aggregate(collect(metrics, ["blended"], {"fare-clean": {"method": "fare", "start": "clean"}}))
     header = markdown_table(rows).splitlines()[0]
     assert "robust_top1_eps1_5 | robust_top1_eps4 | distortion_clean" in header and "eps2" not in header
+
+
+def test_paper_table_puts_this_runs_asr_beside_the_papers(metrics):
+    (metrics / "cleanclip-blended-s0.json").write_text(json.dumps({"zeroshot_top1": 0.85, "asr": 0.4}))
+    table = aggregate(collect(metrics, ["blended"], {}))
+    md = paper_table(table)
+    # PAR over three seeds: 20.0 ± 24.8 (as the main table); the paper (RN50): PAR 0.0, CleanCLIP 19.5
+    assert md.splitlines()[2] == "| blended | 20.0 ± 24.8 | 40.0 | 0 | 19.5 |"
+    assert len(md.splitlines()) == 3  # no other trigger was run
+    assert paper_table([r for r in table if r["trigger"] != "blended"]) == ""

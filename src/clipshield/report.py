@@ -235,6 +235,29 @@ def state(row: dict, clean_robust: float | None, baseline: float | None = None, 
     return ", ".join(words) or "reference"
 
 
+# The PAR paper's ASR (%) after cleaning, PAR against CleanCLIP: RN50, ImageNet (METHODS.md §4). badnet_stripes: the
+# paper's run on synthetic pairs only, PAR alone.
+PAPER_ASR = {"badnet": (6.3, 14.5), "blended": (0.0, 19.5), "blended_stripes": (0.1, 61.8),
+             "blended_triangles": (10.3, 48.7), "badnet_stripes": (3.7, None)}
+
+
+def paper_table(table: list[dict]) -> str:
+    """PAR against CleanCLIP per trigger, this run's ASR (%) beside the PAR paper's; "" if no trigger is in both."""
+    asr = {(r["trigger"], r["method"]): r for r in table if isinstance(r.get("asr"), float)}
+
+    def cell(row: dict | None) -> str:
+        if row is None:
+            return "–"
+        return f"{100 * row['asr']:.1f}" + (f" ± {100 * row['asr_ci']:.1f}" if "asr_ci" in row else "")
+
+    lines = [f"| {t} | {cell(asr.get((t, 'par')))} | {cell(asr.get((t, 'cleanclip')))} | {par:g} | "
+             + ("–" if cc is None else f"{cc:g}") + " |"
+             for t, (par, cc) in PAPER_ASR.items() if (t, "par") in asr or (t, "cleanclip") in asr]
+    if not lines:
+        return ""
+    return "\n".join(["| trigger | PAR | CleanCLIP | paper: PAR | paper: CleanCLIP |", "|---|---|---|---|---|", *lines])
+
+
 STAGE_ORDER = ("data", "pretrain", "baseline", "poison", "backdoor", "synth", "clean", "robust", "harden", "report")
 
 
@@ -304,6 +327,11 @@ def write_report(attack, metrics_dir: Path, out: Path, runs: dict | None = None,
             f"own ASR for that trigger, reduced up to {100 * REDUCED_PTS:.0f} points above it, backdoored beyond.", ""]
     text += [f"- **{r['model']}**: {r['state']}" + (f"; trained on `{r['data']}`" if r.get("data") else "")
              for r in table if r["method"] != "clean"] + [""]
+    if paper := paper_table(table):
+        text += ["## Against the PAR paper", "",
+                 "ASR (%) after cleaning, this run beside the paper's (RN50 cleaned on CC3M pairs, ImageNet; "
+                 "badnet_stripes: cleaned on synthetic pairs only). The scales differ (a 32 px world against "
+                 "ImageNet); the comparison is which method leaves more.", "", paper, ""]
     if Path(times_dir).is_dir():
         table_md, total = time_table(Path(times_dir), stages)
         text += ["## Where the time went", "",
