@@ -5,10 +5,13 @@ robust to a noisy machine: what clipshield's machinery costs.
 
     python benchmarks/train_step.py [--data data/train] [--model tiny-rn] [--batch 128] [--steps 30]
     python benchmarks/train_step.py --formats ppm,png   # the temporary world stored both ways, one line each
+    python benchmarks/train_step.py --data data/train --steps 5 --profile 15   # where a step's time goes
 
 With --layouts contiguous,channels_last it times the bare loop with the conv weights in each memory layout.
 clipshield keeps PyTorch's default (contiguous): on tiny-rn, 2 CPU cores, the world's images, channels-last
 steps in 0.98-1.01x the time (session 15; 0.82x on torch.randn inputs, which is why a synthetic benchmark misleads).
+With --profile N it runs torch.profiler over --steps bare steps and prints the N ops with the most self time per
+step, grouped by input shape: which layer costs what (README, "A vision tower half as wide").
 With --compile it times the bare loop eager and with the model under torch.compile (compile time printed). On
 tiny-rn, 2 CPU cores (session 16): 0.955x and 0.971x the step time in two runs, after 122 s of compiling with a cold
 inductor cache (7 s warm). The default run's ~1,700 s of training would save about 60 s, and every stage (its own
@@ -139,6 +142,21 @@ def compare_steps(a, steps: dict) -> None:
         print(f"{k:>14}: {statistics.median(s):.4f} s/step (median)   step time / {names[0]}'s: {ratio:.3f} (median over chunks)")
 
 
+def profile_steps(step, steps: int, top: int) -> None:
+    """Where a step's time goes: the ops with the most self CPU time, per input shape, per step."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    rows = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in rows)
+    print(f"{total / steps / 1e3:.0f} ms of self CPU time per step ({steps} steps); the top {top}:")
+    for e in rows[:top]:
+        shapes = ", ".join("x".join(map(str, s)) for s in e.input_shapes if s)
+        print(f"{e.self_cpu_time_total / steps / 1e3:8.1f} ms {100 * e.self_cpu_time_total / total:5.1f}%  "
+              f"{e.key}  [{shapes}]")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=None, help="train shards (default: a temporary 4k-sample world)")
@@ -158,6 +176,8 @@ def main():
     variants.add_argument("--layouts", default="", help="time the bare loop with each weight layout, e.g. "
                           "contiguous,channels_last")
     variants.add_argument("--compile", action="store_true", help="time the bare loop eager and under torch.compile")
+    variants.add_argument("--profile", type=int, default=0, metavar="N", help="torch.profiler on --steps bare steps: "
+                          "the N ops with the most self time, grouped by input shape (which layer costs what)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     unknown = [k for k in a.layouts.split(",") if a.layouts and k not in LAYOUTS]
@@ -196,6 +216,8 @@ def main():
         batch = next(shards.iter_batches(data, a.batch, shuffle=0))
         if a.layouts:
             return compare_steps(a, {k: bare_step(a.model, batch, a.bf16, layout=k) for k in a.layouts.split(",")})
+        if a.profile:
+            return profile_steps(bare_step(a.model, batch, a.bf16), a.steps, a.profile)
         if a.compile:
             return compare_steps(a, {k: bare_step(a.model, batch, a.bf16, compiled=k == "compiled")
                                      for k in ("eager", "compiled")})
