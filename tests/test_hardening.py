@@ -270,6 +270,20 @@ def test_checkpoint_of_another_run_is_ignored(tmp_path):
     assert Checkpoint(path, 1, "other-params").load()["step"] == 5
 
 
+def test_a_run_of_other_code_params_or_start_weights_has_another_fingerprint(tmp_path, monkeypatch):
+    from clipshield import pipeline
+    from clipshield.objectives import build_objective
+    from clipshield.params import TrainParams
+    data = world_shards(tmp_path / "data", n=48)
+    clip, p = models.create("smoke-rn", seed=0), TrainParams(steps=10, batch_size=8, lr=1e-3)
+    first = pipeline.run_fingerprint(clip, build_objective("clip"), data, p)
+    assert pipeline.run_fingerprint(clip, build_objective("clip"), data, p) == first
+    assert pipeline.run_fingerprint(clip, build_objective("clip"), data, TrainParams(steps=10, batch_size=8, lr=2e-3)) != first
+    assert pipeline.run_fingerprint(models.create("smoke-rn", seed=1), build_objective("clip"), data, p) != first
+    monkeypatch.setattr(pipeline, "code_digest", lambda: "edited objectives/clip.py")  # DVC reruns on a code change
+    assert pipeline.run_fingerprint(clip, build_objective("clip"), data, p) != first
+
+
 def test_iter_batches_start_skips_exactly(tmp_path):
     data = world_shards(tmp_path / "data", n=40)
     full = shards.iter_batches(data, 8, shuffle=16, seed=3)

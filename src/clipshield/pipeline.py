@@ -10,6 +10,7 @@ import hashlib
 import json
 import subprocess
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -112,6 +113,27 @@ def weights_digest(clip: Clip) -> str:
     return h.hexdigest()
 
 
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """The clipshield package's source, hashed: DVC reruns a stage when its code changes, and the rerun must not
+    then resume from a checkpoint the old code wrote."""
+    h = hashlib.sha256()
+    package = Path(__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        h.update(path.relative_to(package).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(clip: Clip, objective, train_dir: str | Path, p: TrainParams) -> str:
+    """What a training run depends on (params, objective and its options, data, start weights, code): a
+    checkpoint resumes only a run with the same fingerprint."""
+    return hashlib.md5(json.dumps({
+        "params": vars(p), "objective": objective.name, "train_dir": str(train_dir), "data": data_hash(train_dir),
+        "options": {k: v for k, v in sorted(vars(objective).items()) if isinstance(v, (int, float, str, bool))},
+        "weights": weights_digest(clip), "code": code_digest()}, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def check_image_size(clip: Clip, data_dir: str | Path) -> None:
     """Refuse training on images of another size than the model's input (its saved config would not say so)."""
     first = next(shards.iter_samples(data_dir))
@@ -138,11 +160,8 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
     torch.manual_seed(p.seed)
     clip.model.to(device())
     frozen = frozen_copy(clip) if objective.needs_frozen else None
-    run_id = hashlib.md5(json.dumps({
-        "params": vars(p), "objective": objective.name, "train_dir": str(train_dir), "data": data_hash(train_dir),
-        "options": {k: v for k, v in sorted(vars(objective).items()) if isinstance(v, (int, float, str, bool))},
-        "weights": weights_digest(clip)}, sort_keys=True, default=str).encode()).hexdigest()
-    checkpoint = Checkpoint(Path(checkpoint_dir) / f"{name}.pt", p.checkpoint_every, run_id)
+    checkpoint = Checkpoint(Path(checkpoint_dir) / f"{name}.pt", p.checkpoint_every,
+                            run_fingerprint(clip, objective, train_dir, p))
 
     def batches(start: int):
         return shards.iter_batches(train_dir, p.batch_size, shuffle=p.shuffle, seed=p.seed, start=start,

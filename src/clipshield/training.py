@@ -92,7 +92,7 @@ def set_train_mode(model: torch.nn.Module, train_batchnorm: bool = True) -> None
 @dataclass
 class Checkpoint:
     """Resumable training state at `path`, written atomically every `every` steps. `run_id` fingerprints
-    what the run depends on (params, objective, data, start weights): a checkpoint of another run is ignored."""
+    what the run depends on (pipeline.run_fingerprint): a checkpoint of another run is ignored."""
     path: Path
     every: int
     run_id: str
