@@ -100,3 +100,19 @@ def test_three_models_or_more_get_a_table_per_key_with_a_row_per_model():
                          "| backdoor-a-s0 | 0.500 | 0.900 |", "| backdoor-b-s0 | 0.600 | 0.900 |"]
     assert lines[8:11] == ["zeroshot_top1:", "", "| model | poison.rate=0.005 (r1) | poison.rate=0.01 (r2) |"]
     assert lines[-1] == "| backdoor-c-s0 | 0.990 | 0.980 |"
+
+
+def test_an_experiment_that_changes_another_parameter_too_is_left_out():
+    """`dvc exp run -S attack.target=heart` beside a par.eps sweep: its PAR model is another backdoor's, so its
+    par.eps (the commit's) must not become a point of the sweep."""
+    rows = [{**e, "attack.target": "square"} for e in ROWS]
+    other = {**exp("target-heart", "1234567", 2.15, 0.19), "attack.target": "heart"}
+    names = [r["experiment"] for r in sweep_rows(rows + [other], "par.eps", [PAR], others=("attack.target", "par.eps"))]
+    assert names == ["par-eps-1.8", "main", "par-eps-2.5"]
+    assert "target-heart" in [r["experiment"] for r in sweep_rows(rows + [other], "par.eps", [PAR])]
+
+
+def test_param_names_are_exp_shows_column_names():
+    from clipshield.sweep import param_names
+    assert param_names({"par": {"eps": 2.15}, "seeds": [0], "attack": {"options": {"wanet": {"grid": 4}}}, "e": {}}) \
+        == ["par.eps", "seeds", "attack.options.wanet.grid", "e"]

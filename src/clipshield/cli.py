@@ -145,7 +145,7 @@ def sweep(param: Annotated[str, typer.Argument(help="the swept parameter, e.g. p
                                                  "experiment belongs to the commit it was run or queued from)")] = 1,
           out: Annotated[Path, typer.Option(help="folder for <param>.md, .json and .png")] = Path("results/sweeps")):
     """Collect the experiments of one parameter (`dvc exp run [--queue] -S PARAM=V`) into a table and a plot."""
-    from .sweep import write_sweep
+    from .sweep import param_names, write_sweep
     from .ui import console
 
     def work():
@@ -156,7 +156,8 @@ def sweep(param: Annotated[str, typer.Argument(help="the swept parameter, e.g. p
         except DvcException as e:
             raise ValueError(f"DVC could not list the experiments here: {e}. Run `clipshield sweep` in the "
                              f"project's folder") from e
-        _, table = write_sweep(experiments, param, model, out, tuple(key))
+        others = tuple(param_names(P.read_yaml("params.yaml")))  # only `param` may differ from the commit
+        _, table = write_sweep(experiments, param, model, out, tuple(key), others)
         typer.echo(table.read_text(), nl=False)
         console.print(f"wrote {table}, {table.with_suffix('.json')} and {table.with_suffix('.png')}", highlight=False,
                       soft_wrap=True)

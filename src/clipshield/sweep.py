@@ -37,13 +37,39 @@ def expand_models(experiments: list[dict], patterns: list[str]) -> list[str]:
     return models
 
 
-def sweep_rows(experiments: list[dict], param: str, models: list[str], keys: tuple[str, ...] = KEYS) -> list[dict]:
+def param_names(params: dict, prefix: str = "") -> list[str]:
+    """The dotted names of a params file's values, as exp_show names its columns: {'par': {'eps': 2}} -> ['par.eps']."""
+    names = []
+    for k, v in params.items():
+        names += param_names(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return names
+
+
+def changes_more(experiments: list[dict], param: str, others: tuple[str, ...]) -> set[int]:
+    """Indices of the experiments that change one of `others` (parameter names besides `param`) from the commit
+    they branch from: exp_show lists each commit (a row without an experiment name) before its experiments."""
+    def value(e: dict, name: str):
+        return e.get(f"params.yaml:{name}", e.get(name))
+    found, base = set(), None
+    for i, e in enumerate(experiments):
+        if e.get("Experiment") is None:
+            base = e
+        elif base is not None and any(value(e, n) != value(base, n) for n in others if n != param):
+            found.add(i)
+    return found
+
+
+def sweep_rows(experiments: list[dict], param: str, models: list[str], keys: tuple[str, ...] = KEYS,
+               others: tuple[str, ...] = ()) -> list[dict]:
     """One row per experiment that has a value of `param` and every metric: its name, the value, and
     `<model>.<key>` for each model (metrics/<model>.json) and key. Sorted by the value; an experiment that repeats
-    another's value and metrics (the workspace beside its own commit) is listed once."""
+    another's value and metrics (the workspace beside its own commit) is listed once, and one that also changes
+    another parameter of `others` (e.g. `-S attack.target=heart`) is left out: its models are not the sweep's."""
     rows, seen = [], set()
+    skip = changes_more(experiments, param, others)
+    kept = [e for i, e in enumerate(experiments) if i not in skip]
     # The workspace last: when it repeats a commit's or an experiment's results, the row keeps that name.
-    for e in sorted(experiments, key=lambda e: e.get("rev") == "workspace"):
+    for e in sorted(kept, key=lambda e: e.get("rev") == "workspace"):
         value = cell(e, f"params.yaml:{param}", param)
         if value is None or e.get("State") in ("Queued", "Running", "Failed"):
             continue  # not finished: a running one shows its parent's metrics for the stages still to run
@@ -104,13 +130,14 @@ def plot(rows: list[dict], param: str, models: list[str], out: Path, keys: tuple
 
 
 def write_sweep(experiments: list[dict], param: str, models: list[str], out_dir: Path,
-                keys: tuple[str, ...] = KEYS) -> tuple[list[dict], Path]:
-    """<out_dir>/<param>.{md,json,png} from `dvc.api.exp_show()`'s rows. Needs two measured values."""
+                keys: tuple[str, ...] = KEYS, others: tuple[str, ...] = ()) -> tuple[list[dict], Path]:
+    """<out_dir>/<param>.{md,json,png} from `dvc.api.exp_show()`'s rows (experiments that also change one of
+    `others` left out). Needs two measured values."""
     patterns, models = models, expand_models(experiments, models)
     if not models:
         raise ValueError(f"no experiment has metrics of a model named {', '.join(patterns)}; `dvc exp show` lists "
                          f"the metric files (metrics/<model>.json)")
-    rows = sweep_rows(experiments, param, models, keys)
+    rows = sweep_rows(experiments, param, models, keys, others)
     values = {r[param] for r in rows}
     if len(values) < 2:
         found = ", ".join(f"{r['experiment']} ({param}={r[param]:g})" for r in rows) or "none"
