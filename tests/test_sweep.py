@@ -112,6 +112,14 @@ def test_an_experiment_that_changes_another_parameter_too_is_left_out():
     assert "target-heart" in [r["experiment"] for r in sweep_rows(rows + [other], "par.eps", [PAR])]
 
 
+def test_experiments_that_share_their_other_changes_are_one_sweep():
+    """The poison-rate sweep sets `-S backdoor.min_asr=0` in every experiment: they differ from their commit in
+    that too, but not from one another."""
+    rows = [{**e, "backdoor.min_asr": 0.9 if e["Experiment"] is None else 0} for e in ROWS]
+    names = [r["experiment"] for r in sweep_rows(rows, "par.eps", [PAR], others=("backdoor.min_asr",))]
+    assert names == ["par-eps-1.8", "par-eps-2.5"]
+
+
 def test_param_names_are_exp_shows_column_names():
     from clipshield.sweep import param_names
     assert param_names({"par": {"eps": 2.15}, "seeds": [0], "attack": {"options": {"wanet": {"grid": 4}}}, "e": {}}) \

@@ -45,31 +45,27 @@ def param_names(params: dict, prefix: str = "") -> list[str]:
     return names
 
 
-def changes_more(experiments: list[dict], param: str, others: tuple[str, ...]) -> set[int]:
-    """Indices of the experiments that change one of `others` (parameter names besides `param`) from the commit
-    they branch from: exp_show lists each commit (a row without an experiment name) before its experiments."""
-    def value(e: dict, name: str):
-        return e.get(f"params.yaml:{name}", e.get(name))
-    found, base = set(), None
-    for i, e in enumerate(experiments):
-        if e.get("Experiment") is None:
-            base = e
-        elif base is not None and any(value(e, n) != value(base, n) for n in others if n != param):
-            found.add(i)
-    return found
-
-
 def sweep_rows(experiments: list[dict], param: str, models: list[str], keys: tuple[str, ...] = KEYS,
                others: tuple[str, ...] = ()) -> list[dict]:
     """One row per experiment that has a value of `param` and every metric: its name, the value, and
     `<model>.<key>` for each model (metrics/<model>.json) and key. Sorted by the value; an experiment that repeats
-    another's value and metrics (the workspace beside its own commit) is listed once, and one that also changes
-    another parameter of `others` (e.g. `-S attack.target=heart`) is left out: its models are not the sweep's."""
+    another's value and metrics (the workspace beside its own commit) is listed once. Where experiments differ in
+    another parameter of `others` too (a `-S attack.target=heart` run beside a par.eps sweep), only the group that
+    agrees on all of them and spans the most values of `param` is kept (on a tie, the one with more queued or run
+    experiments than commits): the others' models are not the sweep's."""
+    groups: dict[str, list[dict]] = {}
+    revs = {str(e.get("rev")) for e in experiments if e.get("Experiment") is None}  # commits and the workspace
+    for e in experiments:
+        groups.setdefault(repr([e.get(f"params.yaml:{n}", e.get(n)) for n in others if n != param]), []).append(e)
+    def reach(rows: list[dict]) -> tuple[int, int, int]:
+        return len({r[param] for r in rows}), len(rows), sum(r["experiment"] not in revs for r in rows)
+    return max((rows_of(g, param, models, keys) for g in groups.values()), key=reach, default=[])
+
+
+def rows_of(experiments: list[dict], param: str, models: list[str], keys: tuple[str, ...]) -> list[dict]:
     rows, seen = [], set()
-    skip = changes_more(experiments, param, others)
-    kept = [e for i, e in enumerate(experiments) if i not in skip]
     # The workspace last: when it repeats a commit's or an experiment's results, the row keeps that name.
-    for e in sorted(kept, key=lambda e: e.get("rev") == "workspace"):
+    for e in sorted(experiments, key=lambda e: e.get("rev") == "workspace"):
         value = cell(e, f"params.yaml:{param}", param)
         if value is None or e.get("State") in ("Queued", "Running", "Failed"):
             continue  # not finished: a running one shows its parent's metrics for the stages still to run
