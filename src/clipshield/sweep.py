@@ -57,6 +57,7 @@ def sweep_rows(experiments: list[dict], param: str, models: list[str], keys: tup
     revs = {str(e.get("rev")) for e in experiments if e.get("Experiment") is None}  # commits and the workspace
     for e in experiments:
         groups.setdefault(repr([e.get(f"params.yaml:{n}", e.get(n)) for n in others if n != param]), []).append(e)
+
     def reach(rows: list[dict]) -> tuple[int, int, int]:
         return len({r[param] for r in rows}), len(rows), sum(r["experiment"] not in revs for r in rows)
     return max((rows_of(g, param, models, keys) for g in groups.values()), key=reach, default=[])
@@ -127,8 +128,8 @@ def plot(rows: list[dict], param: str, models: list[str], out: Path, keys: tuple
 
 def write_sweep(experiments: list[dict], param: str, models: list[str], out_dir: Path,
                 keys: tuple[str, ...] = KEYS, others: tuple[str, ...] = ()) -> tuple[list[dict], Path]:
-    """<out_dir>/<param>.{md,json,png} from `dvc.api.exp_show()`'s rows (experiments that also change one of
-    `others` left out). Needs two measured values."""
+    """<out_dir>/<param>.{md,json,png} from `dvc.api.exp_show()`'s rows (of experiments that differ in `others`
+    too, one group: `sweep_rows`). Needs two measured values."""
     patterns, models = models, expand_models(experiments, models)
     if not models:
         raise ValueError(f"no experiment has metrics of a model named {', '.join(patterns)}; `dvc exp show` lists "
