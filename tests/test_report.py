@@ -58,11 +58,15 @@ def test_time_table_in_pipeline_order_with_total(tmp_path):
                            ("harden@fare-clean", 120), ("harden@tecoa-clean", 99)]:
         (tmp_path / f"{stage}.json").write_text(json.dumps({"stage": stage, "seconds": seconds}))
     stages = pipeline_stages(["blended"], ["par"], [0], {"fare-clean": {}})
-    md, total = time_table(tmp_path, stages)
+    md, total, missing = time_table(tmp_path, stages)
     assert total == 455  # tecoa-clean is not a stage of this pipeline (an older run's record)
+    # never ran here (restored from DVC's run cache): a dash, out of the total
+    assert missing == ["backdoor@blended-0", "baseline", "poison@blended", "robust", "synth"]
     lines = md.splitlines()
     assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:]] == [
-        "data", "pretrain", "clean@blended-par-0", "harden@fare-clean", "report", "**total**"]
+        "data", "pretrain", "baseline", "poison@blended", "backdoor@blended-0", "synth", "clean@blended-par-0",
+        "robust", "harden@fare-clean", "report", "**total**"]
+    assert "| baseline | – | – |" in lines
     assert lines[-1] == "| **total** | **455** | **7.6** |"
 
 

@@ -261,18 +261,23 @@ def paper_table(table: list[dict]) -> str:
 STAGE_ORDER = ("data", "pretrain", "baseline", "poison", "backdoor", "synth", "clean", "robust", "harden", "report")
 
 
-def time_table(times_dir: Path, stages: set[str] | None = None) -> tuple[str, float]:
+def time_table(times_dir: Path, stages: set[str] | None = None) -> tuple[str, float, list[str]]:
     """Markdown table of the wall seconds every stage took (times/*.json, written by each stage), in pipeline
-    order, and the total: what `dvc repro` from scratch costs. `stages`: only these (the current pipeline's)."""
+    order, the total (what `dvc repro` from scratch costs) and the stages without a record. `stages`: only these
+    (the current pipeline's); one DVC restored from its run cache never ran here, so it has no time: a row with
+    a dash, left out of the total."""
     rows = [json.loads(p.read_text()) for p in sorted(times_dir.glob("*.json"))]
     rows = [r for r in rows if stages is None or r["stage"] in stages]
+    missing = sorted((stages or set()) - {r["stage"] for r in rows} - {"report"})  # report: timed after it writes
+    rows += [{"stage": name, "seconds": None} for name in missing]
     order = {name: i for i, name in enumerate(STAGE_ORDER)}
     rows.sort(key=lambda r: (order.get(r["stage"].split("@")[0], len(order)), r["stage"]))
-    total = sum(r["seconds"] for r in rows)
+    total = sum(r["seconds"] for r in rows if r["seconds"] is not None)
     lines = ["| stage | seconds | minutes |", "|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['seconds']:.0f} | {r['seconds'] / 60:.1f} |" for r in rows]
+    lines += [f"| {r['stage']} | {r['seconds']:.0f} | {r['seconds'] / 60:.1f} |" if r["seconds"] is not None
+              else f"| {r['stage']} | – | – |" for r in rows]
     lines.append(f"| **total** | **{total:.0f}** | **{total / 60:.1f}** |")
-    return "\n".join(lines), total
+    return "\n".join(lines), total, missing
 
 
 def write_plot_data(table: list[dict], out: Path) -> None:
@@ -333,10 +338,13 @@ def write_report(attack, metrics_dir: Path, out: Path, runs: dict | None = None,
                  "badnet_stripes: cleaned on synthetic pairs only). The scales differ (a 32 px world against "
                  "ImageNet); the comparison is which method leaves more.", "", paper, ""]
     if Path(times_dir).is_dir():
-        table_md, total = time_table(Path(times_dir), stages)
+        table_md, total, missing = time_table(Path(times_dir), stages)
+        unmeasured = (f" ({len(missing)} stage{'s' * (len(missing) > 1)} restored from DVC's run cache, never run "
+                      "in this checkout: no time recorded, not in the total)") if missing else ""
         text += ["## Where the time went", "",
                  f"Wall time of every stage (process start to end, imports included) on this machine; "
-                 f"`dvc repro` from scratch runs them one after another: {total / 60:.1f} minutes.", "", table_md, ""]
+                 f"`dvc repro` from scratch runs them one after another: {total / 60:.1f} minutes{unmeasured}.", "",
+                 table_md, ""]
     text += ["![ASR vs accuracy](asr_vs_accuracy.png)", ""]
     text += (["![robust accuracy vs eps](robust_vs_eps.png)", ""] if has_robust else [])
     text += ["![triggers](triggers.png)", ""] + (["![training curves](training_curves.png)", ""] if has_curves else [])

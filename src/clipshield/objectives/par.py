@@ -27,7 +27,9 @@ class ParObjective(ClipObjective):
     """Both towers trained; logit scale fixed at the start model's value; f^0 = frozen start model.
     S_I and S_T are means over the global batch (features are gathered before `loss`)."""
     name = "par"
-    train_batchnorm = False  # fine-tuning: batch-norm statistics stay those of the start model
+    # Batch-norm statistics stay those of the start model. So in effect in the reference: its train() calls
+    # model.train(), but the zero-shot check at the epoch's first step leaves the model in eval mode.
+    train_batchnorm = False
     needs_frozen = True
 
     def __init__(self, eps: float = 2.15, perturb: bool = True, noise_p: float = 0.5, noise_std: float = 0.2,
