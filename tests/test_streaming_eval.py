@@ -141,3 +141,12 @@ def test_a_cheap_zero_shot_head_keeps_the_present_classes_and_the_first_template
     assert shards.EvalSet(tmp_path / "full").classes == space
     with pytest.raises(shards.DataError, match="eval.classes"):
         shards.EvalSet(tmp_path / "full", classes="some")
+
+
+def test_the_evaluation_during_training_is_the_final_one_on_the_first_images(test_dir, clip):
+    from clipshield.pipeline import during_training
+    head = shards.EvalSet(test_dir).head(300)
+    full = evaluate_model(clip, shards.load_all(test_dir, limit=300), {"blended": {"alpha": 0.2}}, "star", 300)
+    logged = during_training(head, {"blended": {"alpha": 0.2}}, "star")(clip)
+    assert logged == {k: full[k] for k in ("zeroshot_top1", "asr", "asr_all")}
+    assert during_training(head, None, None)(clip) == {"zeroshot_top1": pytest.approx(full["zeroshot_top1"])}

@@ -145,9 +145,10 @@ def check_image_size(clip: Clip, data_dir: str | Path) -> None:
 
 
 def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, name: str,
-                 test: dict | None = None, log_dir: str | Path = "dvclive",
+                 evaluate=None, log_dir: str | Path = "dvclive",
                  checkpoint_dir: str | Path = "checkpoints") -> dict:
-    """Train `clip` with `objective` on shards `train_dir`; logs go to `log_dir/name.jsonl`.
+    """Train `clip` with `objective` on shards `train_dir`; logs go to `log_dir/name.jsonl`, with `evaluate(clip)`'s
+    metrics every `p.eval_every` steps.
 
     Every `p.checkpoint_every` steps the state goes to `checkpoint_dir/name.pt`; a run that was
     killed resumes from there when the stage is re-run with the same params, data and start model."""
@@ -166,8 +167,6 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
     def batches(start: int):
         return shards.iter_batches(train_dir, p.batch_size, shuffle=p.shuffle, seed=p.seed, start=start,
                                    threads=launch.decode_threads(on_gpu), uint8=True)
-    evaluate = (lambda c: {"zeroshot_top1": zeroshot_accuracy(c, test["images"][:500], test["labels"][:500],
-                                                              test.get("classes"))}) if test is not None else None
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(train_config(p), bf16=launch.precision == "bf16" or (launch.precision == "auto" and on_gpu),
                               compile=launch.compile == "on" or (launch.compile == "auto" and on_gpu),
@@ -220,19 +219,31 @@ def model_provenance(stage: str, parent, data: dict, params: dict, training: dic
     return {"stage": stage, "parent": parent, **more, "data": data, "params": params, "training": training}
 
 
+def during_training(head: dict, triggers: dict[str, dict] | None, target: str | None):
+    """The evaluation logged while a model trains, on a few test images (`head`): zero-shot top-1 and, where the
+    model is attacked or cleaned, the ASR of its trigger, so a log shows when a backdoor takes or leaves."""
+    def evaluate(clip: Clip) -> dict[str, float]:
+        if not triggers:
+            return {"zeroshot_top1": zeroshot_accuracy(clip, head["images"], head["labels"], head.get("classes"))}
+        metrics = evaluate_model(clip, head, triggers, target, retrieval_n=len(head["labels"]))
+        return {k: v for k, v in metrics.items() if k == "zeroshot_top1" or k.startswith("asr")}
+    return evaluate
+
+
 def train_model(start: str | Path | Clip, objective, data_dir: str | Path, p: TrainParams, ev: EvalParams,
                 test_dir: str | Path, out_model: str | Path, metrics_file: str | Path, provenance: dict,
                 triggers: dict[str, dict] | None = None, target: str | None = None, log_name: str | None = None,
-                eval_during: bool = False, extra=None, check=None) -> dict:
+                extra=None, check=None) -> dict:
     """Every training stage: load `start` (a model folder, or a new model), train it with `objective` on `data_dir`,
     evaluate it on `test_dir` (ASR of `triggers` towards `target`, plus `extra(clip, test)` metrics; `check(metrics)`
     may refuse the model), write `out_model` (named after its folder) and `metrics_file`. `provenance`: the
     arguments of model_provenance but the training summary; `log_name`: the training log's name (default the
-    model's); `eval_during`: zero-shot accuracy every p.eval_every steps."""
+    model's). With `p.eval_every`, the training log gets zero-shot top-1 and ASR along the way."""
     clip = start if isinstance(start, Clip) else load(start)
     test = load_test(ev, test_dir)
     name = Path(out_model).name
-    training = run_training(clip, objective, data_dir, p, log_name or name, test=test.head(500) if eval_during else None)
+    evaluate = during_training(test.head(500), triggers, target) if p.eval_every else None
+    training = run_training(clip, objective, data_dir, p, log_name or name, evaluate=evaluate)
     more = extra(clip, test) if extra is not None and is_main() else None
     return finish_model(clip, name, out_model, metrics_file, model_provenance(**provenance, training=training), test,
                         ev, triggers, target, check=check, extra=more)
@@ -244,7 +255,7 @@ def pretrain(p, ev: EvalParams, train_dir, test_dir, out_model, metrics_file) ->
     return train_model(clip, build_objective("clip"), train_dir, p, ev, test_dir, out_model, metrics_file,
                        dict(stage="pretrain", parent=p.pretrained or f"random init ({p.model}, seed {p.seed})",
                             model_config=p.model, data={"train": data_hash(train_dir)}, params=vars(p)),
-                       log_name="pretrain", eval_during=bool(p.eval_every))
+                       log_name="pretrain")
 
 
 def baseline(attack, ev: EvalParams, clean_model, test_dir, metrics_file) -> dict:

@@ -180,8 +180,8 @@ def read_series(run: Path, metric: str) -> list[tuple[float, float]]:
 
 
 def training_curves(log_dir: Path, out: Path) -> bool:
-    """One panel per training run (its DVCLive series in dvclive/RUN/): loss vs step, and zero-shot accuracy
-    where the run evaluated during training."""
+    """One panel per training run (its DVCLive series in dvclive/RUN/): loss vs step, and zero-shot accuracy and
+    ASR where the run evaluated during training (`eval_every`)."""
     logs = sorted(p for p in log_dir.iterdir() if read_series(p, "loss")) if log_dir.is_dir() else []
     if not logs:
         return False
@@ -193,14 +193,16 @@ def training_curves(log_dir: Path, out: Path) -> bool:
         ax.plot([s for s, _ in loss], [v for _, v in loss], color="C0")
         ax.set_title(log.name, fontsize=8)
         ax.tick_params(labelsize=6)
-        evals = read_series(log, "zeroshot_top1")
-        if evals:
+        evals = {c: read_series(log, key) for c, key in (("C3", "zeroshot_top1"), ("C2", "asr"))}
+        if any(evals.values()):
             ax2 = ax.twinx()
-            ax2.plot([s for s, _ in evals], [100 * v for _, v in evals], "o-", color="C3", ms=3)
-            ax2.tick_params(labelsize=6, colors="C3")
+            for color, series in evals.items():
+                ax2.plot([s for s, _ in series], [100 * v for _, v in series], "o-", color=color, ms=3)
+            ax2.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(logs):]:
         ax.axis("off")
-    fig.suptitle("training loss (blue) and zero-shot top-1 % (red, where evaluated) vs step", fontsize=9)
+    fig.suptitle("training loss (blue); zero-shot top-1 % (red) and ASR % (green) where evaluated; vs step",
+                 fontsize=9)
     save_figure(fig, out, dpi=110)
     return True
 
