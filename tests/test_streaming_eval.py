@@ -12,7 +12,7 @@ from clipshield.data import shards
 from clipshield.evaluation import (attack_success_rate, class_embeddings, encode_images, encode_texts, evaluate_model,
                                    recall_at_k, retrieval_asr, top1, trigger_images, zeroshot_logits)
 from clipshield.models import create, frozen_copy
-from clipshield.pipeline import world_samples
+from clipshield.pipeline import during_training, world_samples
 from clipshield.params import RobustParams
 from clipshield.robust import robust_accuracy, robust_metrics
 
@@ -144,7 +144,6 @@ def test_a_cheap_zero_shot_head_keeps_the_present_classes_and_the_first_template
 
 
 def test_the_evaluation_during_training_is_the_final_one_on_the_first_images(test_dir, clip):
-    from clipshield.pipeline import during_training
     head = shards.EvalSet(test_dir).head(300)
     full = evaluate_model(clip, shards.load_all(test_dir, limit=300), {"blended": {"alpha": 0.2}}, "star", 300)
     logged = during_training(head, {"blended": {"alpha": 0.2}}, "star")(clip)
