@@ -103,7 +103,7 @@ def test_report_has_every_model_and_plots(project):
     for stage in ("| data |", "| pretrain |", "| baseline |", "| clean@blended_stripes-par-0 |",
                   "| harden@fare-backdoor-blended_stripes-s0 |", "| **total** |"):
         assert stage in times, stage
-    for png in ("asr_vs_accuracy", "robust_vs_eps", "training_curves", "triggers"):
+    for png in ("asr_vs_accuracy", "asr_during_training", "robust_vs_eps", "training_curves", "triggers"):
         assert (root / f"reports/{png}.png").stat().st_size > 5000
     html = sh("dvc plots show -o plots_html", root)
     assert (root / "plots_html/index.html").exists(), html.stdout

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from clipshield.report import (aggregate, backdoor_verdict, collect, markdown_table, paper_table, pipeline_stages, state,
-                               time_table)
+from clipshield.report import (aggregate, asr_during_training, asr_series, backdoor_verdict, collect, markdown_table,
+                               paper_table, pipeline_stages, state, time_table)
 
 
 @pytest.fixture
@@ -98,3 +98,19 @@ def test_paper_table_puts_this_runs_asr_beside_the_papers(metrics):
     assert md.splitlines()[2] == "| blended | 20.0 ± 24.8 | 40.0 | 0 | 19.5 |"
     assert len(md.splitlines()) == 3  # no other trigger was run
     assert paper_table([r for r in table if r["trigger"] != "blended"]) == ""
+
+
+def test_asr_during_training_reads_every_run_that_logged_it(metrics, tmp_path):
+    logs = tmp_path / "dvclive"
+    for run, values in {"par-blended-s0": [0.95, 0.3, 0.04], "par-blended-s1": [0.9, 0.5, 0.1],
+                        "fare-par-blended-s0": [0.04, 0.02, 0.01]}.items():
+        (logs / run / "plots" / "metrics").mkdir(parents=True)
+        (logs / run / "plots" / "metrics" / "asr.tsv").write_text(
+            "step\tasr\n" + "".join(f"{100 * i}\t{v}\n" for i, v in enumerate(values)))
+    rows = collect(metrics, ["blended"], {"fare-par-blended-s0": {"method": "fare", "start": "par-blended-s0"}})
+    panels = asr_series(rows, logs)
+    assert list(panels) == ["blended"]  # backdoor-blended-s0 logged nothing; the clean model is the dashed line
+    assert [name for name, _ in panels["blended"]] == ["par", "par", "fare-par"]
+    assert panels["blended"][0][1] == [(0.0, 0.95), (100.0, 0.3), (200.0, 0.04)]
+    assert asr_during_training(rows, logs, tmp_path / "asr.png") and (tmp_path / "asr.png").stat().st_size > 5000
+    assert not asr_during_training(rows, tmp_path / "nowhere", tmp_path / "none.png")

@@ -146,14 +146,21 @@ def test_train_logs_every_and_evaluates(tmp_path):
 
     def evaluate(c):
         calls.append(c.model.training)
+        with torch.no_grad():
+            c.model.encode_image(fixed_batch()["images"])  # a forward pass, as a real evaluation makes
         return {"acc": 0.5}
 
     cfg = TrainConfig(steps=4, lr=1e-4, log_every=3, eval_every=2)
     result = train(clip, ClipObjective(), repeat(fixed_batch()), cfg, evaluate=evaluate)
-    assert [r["step"] for r in result.history] == [2, 3, 4]
-    assert [("acc" in r) for r in result.history] == [True, False, True]
-    assert calls == [False, False]  # evaluated in eval mode
-    assert result.history[0]["lr"] == pytest.approx(lr_at(1, cfg))
+    assert [r["step"] for r in result.history] == [0, 2, 3, 4]  # step 0: the start model, before any update
+    assert result.history[0] == {"step": 0, "acc": 0.5}
+    assert [("acc" in r) for r in result.history] == [True, True, False, True]
+    assert calls == [False, False, False]  # evaluated in eval mode
+    assert result.history[1]["lr"] == pytest.approx(lr_at(1, cfg))
+    plain = models.create("smoke-rn", seed=0)
+    train(plain, ClipObjective(), repeat(fixed_batch()), TrainConfig(steps=4, lr=1e-4, log_every=3))
+    trained, untouched = clip.model.state_dict(), plain.model.state_dict()
+    assert all(torch.equal(trained[k], untouched[k]) for k in trained)  # evaluating does not change the training
 
 
 def test_fixed_logit_scale_is_not_trained():

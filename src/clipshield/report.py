@@ -207,6 +207,45 @@ def training_curves(log_dir: Path, out: Path) -> bool:
     return True
 
 
+def asr_series(rows: list[dict], log_dir: Path) -> dict[str, list[tuple[str, list[tuple[float, float]]]]]:
+    """{trigger: [(run, [(step, ASR)])]} for every run that logged its ASR while training (`eval_every`); the run
+    named without its trigger and seed (par, fare-par, ...)."""
+    panels: dict[str, list] = {}
+    for r in rows:
+        series = read_series(log_dir / r["model"], "asr") if r["method"] != "clean" else []
+        if series:
+            panels.setdefault(r["trigger"], []).append((r["group"].replace(f"-{r['trigger']}", ""), series))
+    return panels
+
+
+def asr_during_training(rows: list[dict], log_dir: Path, out: Path) -> bool:
+    """ASR against training step, one panel per trigger, one line per run that logged it (step 0 is the model it
+    started from): when an attack takes and when (or whether) each defence removes it, beside the clean model's
+    ASR for that trigger (dashed)."""
+    panels = asr_series(rows, log_dir)
+    if not panels:
+        return False
+    baseline = {r["trigger"]: r.get("asr") for r in rows if r["method"] == "clean"}
+    colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(n for runs in panels.values() for n, _ in runs))}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False)
+    for ax, (trigger, runs) in zip(axes.flat, panels.items()):
+        labelled = set()
+        for name, series in runs:  # several seeds of a run share its colour and label
+            ax.plot([s for s, _ in series], [100 * v for _, v in series], "o-", ms=3, color=colours[name],
+                    label=None if name in labelled else name)
+            labelled.add(name)
+        if baseline.get(trigger) is not None:
+            ax.axhline(100 * baseline[trigger], ls="--", color="grey", label="clean model")
+        ax.set_title(trigger, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("ASR on 500 test images (%)", fontsize=8)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, out, dpi=110)
+    return True
+
+
 # A cleaned model's backdoor is "removed" when its ASR is within REMOVED_PTS of the clean model's own ASR for the
 # trigger (images it already calls the target): the clean model differs by that much between training seeds, and
 # it is the bar the PAR paper's results clear. "Reduced" up to REDUCED_PTS above the clean model (the trigger
@@ -321,6 +360,7 @@ def write_report(attack, metrics_dir: Path, out: Path, runs: dict | None = None,
     has_robust = robust_vs_eps(table, out / "robust_vs_eps.png")
     trigger_gallery(out / "triggers.png", attack)
     has_curves = training_curves(Path(log_dir), out / "training_curves.png")
+    has_asr_curves = asr_during_training(rows, Path(log_dir), out / "asr_during_training.png")
     seeds = max((r["seeds"] for r in table), default=1)
     text = ["# clipshield report", "",
             f"Target class `{attack.target}`; triggers {', '.join(attack.triggers)}. "
@@ -348,6 +388,7 @@ def write_report(attack, metrics_dir: Path, out: Path, runs: dict | None = None,
                  f"`dvc repro` from scratch runs them one after another: {total / 60:.1f} minutes{unmeasured}.", "",
                  table_md, ""]
     text += ["![ASR vs accuracy](asr_vs_accuracy.png)", ""]
+    text += (["![ASR during training](asr_during_training.png)", ""] if has_asr_curves else [])
     text += (["![robust accuracy vs eps](robust_vs_eps.png)", ""] if has_robust else [])
     text += ["![triggers](triggers.png)", ""] + (["![training curves](training_curves.png)", ""] if has_curves else [])
     (out / "report.md").write_text("\n".join(text))

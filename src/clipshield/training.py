@@ -293,6 +293,14 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
     if on_log and main:
         for row in history:
             on_log(row)
+    if main and evaluate and cfg.eval_every and start == 0:  # where the curves start: the model as it came
+        clip.model.eval()
+        row = {"step": 0, **evaluate(clip)}
+        history.append(row)
+        if on_log:
+            on_log(row)
+        if log:
+            log.write(json.dumps(row) + "\n")
     last_finite: dict = {}
     fresh, t0 = 0, time.perf_counter()  # samples this process trained on (throughput)
     step = start
