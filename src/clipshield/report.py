@@ -227,7 +227,11 @@ def asr_during_training(rows: list[dict], log_dir: Path, out: Path) -> bool:
         return False
     baseline = {r["trigger"]: r.get("asr") for r in rows if r["method"] == "clean"}
     colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(n for runs in panels.values() for n, _ in runs))}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False)
+    cols = min(3, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4.4 * cols, 3.4 * -(-len(panels) // cols)),
+                             squeeze=False)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     for ax, (trigger, runs) in zip(axes.flat, panels.items()):
         labelled = set()
         for name, series in runs:  # several seeds of a run share its colour and label
