@@ -65,7 +65,9 @@ def test_repro_trains_and_evaluates_every_model(project):
         assert 0.0 <= clean[key] <= 1.0
     # Pre-training really trained: the logged loss fell.
     log = [json.loads(line) for line in (root / "dvclive/pretrain.jsonl").read_text().splitlines()]
-    assert log[-1]["loss"] < log[0]["loss"]
+    assert set(log[0]) == {"step", "zeroshot_top1"} and log[0]["step"] == 0  # the start model, before any update
+    losses = [row["loss"] for row in log[1:]]
+    assert losses[-1] < losses[0]
     assert "zeroshot_top1" in log[-1]
     for name in ("backdoor-blended_stripes-s0", "par-blended_stripes-s0", "cleanclip-blended_stripes-s0"):
         m = json.loads((root / f"metrics/{name}.json").read_text())
@@ -84,7 +86,7 @@ def test_repro_trains_and_evaluates_every_model(project):
         assert live["step"] == rows[-1]["step"] and live["loss"] == pytest.approx(rows[-1]["loss"])
         assert live["train_steps"] == rows[-1]["step"] and live["train_seconds"] > 0
         tsv = (root / f"dvclive/{name}/plots/metrics/loss.tsv").read_text().splitlines()
-        assert tsv[0] == "step\tloss" and len(tsv) == len(rows) + 1
+        assert tsv[0] == "step\tloss" and len(tsv) == len([r for r in rows if "loss" in r]) + 1  # not step 0
         assert "lr:" in (root / f"dvclive/{name}/params.yaml").read_text()
     assert "dvclive/par-blended_stripes-s0/metrics.json" in shown and "train_seconds" in shown
     fare = json.loads((root / "metrics/fare-par-blended_stripes-s0.json").read_text())
