@@ -228,8 +228,8 @@ def asr_during_training(rows: list[dict], log_dir: Path, out: Path) -> bool:
     baseline = {r["trigger"]: r.get("asr") for r in rows if r["method"] == "clean"}
     colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(n for runs in panels.values() for n, _ in runs))}
     cols = min(3, len(panels))
-    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4.4 * cols, 3.4 * -(-len(panels) // cols)),
-                             squeeze=False)
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.4 * nrows), squeeze=False)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     for ax, (trigger, runs) in zip(axes.flat, panels.items()):

@@ -293,14 +293,18 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
     if on_log and main:
         for row in history:
             on_log(row)
-    if main and evaluate and cfg.eval_every and start == 0:  # where the curves start: the model as it came
-        clip.model.eval()
-        row = {"step": 0, **evaluate(clip)}
+
+    def record(row: dict) -> None:
         history.append(row)
-        if on_log:
+        if on_log and main:
             on_log(row)
         if log:
             log.write(json.dumps(row) + "\n")
+            log.flush()
+
+    if main and evaluate and cfg.eval_every and start == 0:  # where the curves start: the model as it came
+        clip.model.eval()
+        record({"step": 0, **evaluate(clip)})
     last_finite: dict = {}
     fresh, t0 = 0, time.perf_counter()  # samples this process trained on (throughput)
     step = start
@@ -341,12 +345,7 @@ def train(clip: Clip, objective, batches: Iterator[dict] | Callable[[int], Itera
                     if main and evaluate and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                         clip.model.eval()
                         row.update(evaluate(clip))
-                    history.append(row)
-                    if on_log and main:
-                        on_log(row)
-                    if log:
-                        log.write(json.dumps(row) + "\n")
-                        log.flush()
+                    record(row)
                 if checkpoint and checkpoint.every and done % checkpoint.every == 0 and done < cfg.steps and main:
                     checkpoint.save({"step": done, "seen": seen, "model": clip.model.state_dict(),
                                      "optimizer": opt.state_dict(), "rng": _rng_state(), "history": history,
