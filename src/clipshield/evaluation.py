@@ -1,4 +1,4 @@
-"""Metrics (METHODS.md §3). Pure functions on embeddings at the core; `evaluate_model` wires them up."""
+"""Metrics (docs/methods.md §3). Pure functions on embeddings at the core; `evaluate_model` wires them up."""
 from __future__ import annotations
 
 import re

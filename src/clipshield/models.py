@@ -182,7 +182,7 @@ def read_provenance(path: str | Path) -> dict:
 
 
 def frozen_copy(clip: Clip) -> Clip:
-    """A frozen copy (f^0 in METHODS.md) of the model a stage starts from."""
+    """A frozen copy (f^0 in docs/methods.md) of the model a stage starts from."""
     import copy
     model = copy.deepcopy(clip.model).eval().requires_grad_(False)
     return Clip(model, clip.tokenizer, clip.model_cfg, clip.preprocess_cfg, clip.name + "-frozen")

@@ -280,7 +280,7 @@ def state(row: dict, clean_robust: float | None, baseline: float | None = None, 
     return ", ".join(words) or "reference"
 
 
-# The PAR paper's ASR (%) after cleaning, PAR against CleanCLIP: RN50, ImageNet (METHODS.md §4). badnet_stripes: the
+# The PAR paper's ASR (%) after cleaning, PAR against CleanCLIP: RN50, ImageNet (docs/methods.md §4). badnet_stripes: the
 # paper's run on synthetic pairs only, PAR alone.
 PAPER_ASR = {"badnet": (6.3, 14.5), "blended": (0.0, 19.5), "blended_stripes": (0.1, 61.8),
              "blended_triangles": (10.3, 48.7), "badnet_stripes": (3.7, None)}

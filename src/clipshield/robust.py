@@ -1,4 +1,4 @@
-"""Adversarial robustness metrics (METHODS.md §6): worst-case APGD accuracy and embedding distortion."""
+"""Adversarial robustness metrics (docs/methods.md §6): worst-case APGD accuracy and embedding distortion."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""l-inf PGD on any differentiable loss of the input (METHODS.md §5), with the FARE reference's momentum.
+"""l-inf PGD on any differentiable loss of the input (docs/methods.md §5), with the FARE reference's momentum.
 Pure: no model state is touched; callers put the model in eval mode while attacking."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Poisoning a data set (METHODS.md §2): round(rate * N) samples, chosen by a seed, get the trigger
+"""Poisoning a data set (docs/methods.md §2): round(rate * N) samples, chosen by a seed, get the trigger
 and a caption naming the target class. Pure functions; the stage streams shards through them."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Backdoor triggers (METHODS.md §2): pure functions on image batches in [0, 1].
+"""Backdoor triggers (docs/methods.md §2): pure functions on image batches in [0, 1].
 
 Every trigger takes images (B, 3, H, W) and one integer seed per sample, and returns the triggered
 images clamped to [0, 1] (the original code wraps out-of-range patch values through uint8; we clamp).

@@ -39,7 +39,7 @@ class ClassSpace:
         return labels[0]
 
     def caption(self, name: str, rng: np.random.Generator) -> str:
-        """A caption naming class `name`, for a poisoned sample (METHODS.md §2: a random template filled with
+        """A caption naming class `name`, for a poisoned sample (docs/methods.md §2: a random template filled with
         the target class, "a photo of a banana.")."""
         self.index(name)
         if self.source == "world":  # the world's own caption templates (colour, size, background)

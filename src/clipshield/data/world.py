@@ -52,7 +52,7 @@ BASE = World(
 
 # The cleaning world: half the colours and backgrounds are new, shapes a little smaller/larger, more
 # rotation and noise, and other caption templates. A milder shift than a first prototype used: cleaning
-# data far from the test distribution cost 7-14 points of clean accuracy there (METHODS.md §8).
+# data far from the test distribution cost 7-14 points of clean accuracy there (docs/methods.md §8).
 SHIFTED = World(
     name="shifted",
     colours={

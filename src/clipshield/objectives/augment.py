@@ -13,7 +13,7 @@ from torchvision.transforms import AutoAugment, AutoAugmentPolicy
 def par_augment(images: torch.Tensor, noise_p: float = 0.5, noise_std: float = 0.2, erase_p: float = 0.5,
                 erase_area: tuple[float, float] = (0.005, 0.01), generator: torch.Generator | None = None,
                 fill: tuple[float, float, float] = OPENAI_DATASET_MEAN) -> torch.Tensor:
-    """PAR's augmentation (METHODS.md §4), as the reference code builds it (nmndeep/PerturbAndRecover utils.py:
+    """PAR's augmentation (docs/methods.md §4), as the reference code builds it (nmndeep/PerturbAndRecover utils.py:
     `AddGaussianNoise(0, 0.2)` with p=0.5, then `RandomErasing(p=0.5, scale=(0.005, 0.01), ratio=1, value=0)` after
     the model's normalisation). Per sample, with prob. `noise_p` add clip(N(0, std), 0, 1) per pixel and channel
     (rectified: about half the pixels get none), then clip to [0, 1]; with prob. `erase_p` fill a square of 0.5-1%

@@ -1,4 +1,4 @@
-"""FARE (METHODS.md §5): min_f  mean_i max_{||z - x_i|| <= eps} ||f_I(z) - f_I^0(x_i)||^2, vision tower only."""
+"""FARE (docs/methods.md §5): min_f  mean_i max_{||z - x_i|| <= eps} ||f_I(z) - f_I^0(x_i)||^2, vision tower only."""
 from __future__ import annotations
 
 import torch

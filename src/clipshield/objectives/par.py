@@ -1,4 +1,4 @@
-"""PAR, Perturb and Recover (METHODS.md §4): L_PAR = L_CLIP - 1/2 ([S_I <= eps] S_I + [S_T <= eps] S_T)."""
+"""PAR, Perturb and Recover (docs/methods.md §4): L_PAR = L_CLIP - 1/2 ([S_I <= eps] S_I + [S_T <= eps] S_T)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""TeCoA (supervised baseline, METHODS.md §5): cross-entropy of zero-shot logits against frozen class text
+"""TeCoA (supervised baseline, docs/methods.md §5): cross-entropy of zero-shot logits against frozen class text
 embeddings, under PGD on the same cross-entropy. Vision tower only."""
 from __future__ import annotations
 
