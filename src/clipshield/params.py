@@ -421,7 +421,7 @@ ROBUST_METHODS = ("fare", "tecoa")
 
 def _constraints(v: dict) -> list[str]:
     """Range and name checks on parsed sections `v` (only those that parsed)."""
-    from .attacks.triggers import TRIGGERS
+    from .attacks.triggers import TRIGGERS, option_problems
     from .data.classes import load_classes
     from .data.world import WORLDS
     from .training import SCHEDULES
@@ -521,7 +521,7 @@ def _constraints(v: dict) -> list[str]:
         for t, opts in a.options.items():
             need(t in TRIGGERS, "attack.options", t, f"options are keyed by trigger: {', '.join(TRIGGERS)}")
             if t in TRIGGERS:
-                out += _trigger_option_problems(t, opts, TRIGGERS[t].options, v["data"].image_size if "data" in v else None)
+                out += option_problems(t, opts, v["data"].image_size if "data" in v else None)
         if classes is not None and a.target in classes.names:
             try:
                 classes.index(a.target)
@@ -534,8 +534,8 @@ def _constraints(v: dict) -> list[str]:
     if "backdoor" in v:
         need(0 <= v["backdoor"].min_asr <= 1, "backdoor.min_asr", v["backdoor"].min_asr, "use a fraction in [0, 1]")
     if "clean" in v:
-        from .objectives import list_objectives
-        cleaners = [m for m in list_objectives() if m not in ("clip", *ROBUST_METHODS)]
+        from .objectives import methods
+        cleaners = methods("clean")
         for m in v["clean"].methods:
             need(m in cleaners, "clean.methods", m, f"valid cleaning methods: {', '.join(cleaners)}")
     if "harden" in v:
@@ -559,35 +559,6 @@ def _constraints(v: dict) -> list[str]:
         need(v["robust"].steps >= 1, "robust.steps", v["robust"].steps, "use a whole number >= 1")
         need(v["robust"].n_target_classes >= 1, "robust.n_target_classes", v["robust"].n_target_classes,
              "use a whole number >= 1 (APGD-T's targets per sample; AutoAttack: 9)")
-    return out
-
-
-# attack.options values: (check, what is allowed); `size` is data.image_size (None: unknown)
-_WHOLE = lambda x: isinstance(x, int) and not isinstance(x, bool)
-_NUMBER = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
-TRIGGER_OPTION_RULES = {
-    "alpha": (lambda x, size: _NUMBER(x) and 0 < x < 1, "a blend weight: use a number in (0, 1), e.g. 0.2"),
-    "patch": (lambda x, size: _WHOLE(x) and 1 <= x <= (size or x), "a side in pixels: use a whole number from 1 to data.image_size ({size})"),
-    "tile": (lambda x, size: _WHOLE(x) and 1 <= x <= (size or x), "a side in pixels: use a whole number from 1 to data.image_size ({size})"),
-    "strength": (lambda x, size: _NUMBER(x) and x > 0, "a warp strength: use a number > 0, e.g. 0.5"),
-    "grid": (lambda x, size: _WHOLE(x) and x >= 2, "control points per side: use a whole number >= 2"),
-}
-
-
-def _trigger_option_problems(trigger: str, options, allowed: tuple[str, ...], size: int | None) -> list[str]:
-    """attack.options.<trigger>: names the trigger takes (from its registry entry), values in range."""
-    where = f"attack.options.{trigger}"
-    if not isinstance(options, dict):
-        return [f"`{where}` = {options!r} must be a mapping of option: value, e.g. {{{', '.join(f'{o}: ...' for o in allowed)}}}"]
-    out = []
-    for key, value in options.items():
-        if key not in allowed:
-            near = difflib.get_close_matches(str(key), allowed, n=1)
-            out.append(f"unknown option `{where}.{key}`; " + (f"did you mean `{where}.{near[0]}`?" if near else
-                       f"{trigger} takes: {', '.join(allowed) or 'no options'}"))
-        elif key in TRIGGER_OPTION_RULES and value is not None and not TRIGGER_OPTION_RULES[key][0](value, size):
-            why = TRIGGER_OPTION_RULES[key][1].format(size=size if size else "the image side")
-            out.append(f"`{where}.{key}` = {value!r} is not allowed; {why}")
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+import difflib
 from typing import Callable, Sequence
 
 import torch
@@ -141,6 +142,37 @@ def get_trigger(name: str) -> Trigger:
     if name not in TRIGGERS:
         raise ValueError(f"unknown trigger {name!r}; valid triggers: {', '.join(TRIGGERS)}")
     return TRIGGERS[name]
+
+
+# attack.options values: (check, what is allowed); `size` is data.image_size (None: unknown)
+_WHOLE = lambda x: isinstance(x, int) and not isinstance(x, bool)
+_NUMBER = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+TRIGGER_OPTION_RULES = {
+    "alpha": (lambda x, size: _NUMBER(x) and 0 < x < 1, "a blend weight: use a number in (0, 1), e.g. 0.2"),
+    "patch": (lambda x, size: _WHOLE(x) and 1 <= x <= (size or x), "a side in pixels: use a whole number from 1 to data.image_size ({size})"),
+    "tile": (lambda x, size: _WHOLE(x) and 1 <= x <= (size or x), "a side in pixels: use a whole number from 1 to data.image_size ({size})"),
+    "strength": (lambda x, size: _NUMBER(x) and x > 0, "a warp strength: use a number > 0, e.g. 0.5"),
+    "grid": (lambda x, size: _WHOLE(x) and x >= 2, "control points per side: use a whole number >= 2"),
+}
+
+
+def option_problems(trigger: str, options, size: int | None) -> list[str]:
+    """What is wrong with params.yaml's attack.options.<trigger> (empty: nothing): names the trigger takes (from its
+    registry entry), values in range; `size` is data.image_size (None: unknown)."""
+    allowed = TRIGGERS[trigger].options
+    where = f"attack.options.{trigger}"
+    if not isinstance(options, dict):
+        return [f"`{where}` = {options!r} must be a mapping of option: value, e.g. {{{', '.join(f'{o}: ...' for o in allowed)}}}"]
+    out = []
+    for key, value in options.items():
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), allowed, n=1)
+            out.append(f"unknown option `{where}.{key}`; " + (f"did you mean `{where}.{near[0]}`?" if near else
+                       f"{trigger} takes: {', '.join(allowed) or 'no options'}"))
+        elif key in TRIGGER_OPTION_RULES and value is not None and not TRIGGER_OPTION_RULES[key][0](value, size):
+            why = TRIGGER_OPTION_RULES[key][1].format(size=size if size else "the image side")
+            out.append(f"`{where}.{key}` = {value!r} is not allowed; {why}")
+    return out
 
 
 def apply_trigger(name: str, images: torch.Tensor, seeds: Sequence[int], **options) -> torch.Tensor:

@@ -22,9 +22,20 @@ _OBJECTIVES = {
 }
 
 
+# What each method is for: `clean` methods remove a backdoor (clean.methods), `harden` methods make the vision tower
+# robust (harden runs), `pretrain` is the CLIP loss that pre-training and the backdoor use.
+ROLES = {"clip": "pretrain", "finetune": "clean", "par": "clean", "cleanclip": "clean", "fare": "harden",
+         "tecoa": "harden"}
+
+
 def list_objectives() -> list[str]:
     """The method names `build_objective` knows."""
     return list(_OBJECTIVES)
+
+
+def methods(role: str) -> list[str]:
+    """The methods of one role (clean, harden or pretrain), in registration order."""
+    return [name for name in _OBJECTIVES if ROLES[name] == role]
 
 
 def build_objective(name: str, **options) -> Objective:
