@@ -96,15 +96,25 @@ def stage_name(argv: list[str]) -> str:
     return Path(argv[0]).stem + ("@" + "-".join(keys) if keys else "")
 
 
+def machine() -> dict:
+    """The CPU this process runs on (model name, logical cores, AVX-512; None where /proc/cpuinfo is missing)."""
+    import platform
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.partition(":")[2].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    return {"cpu": name or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "avx512": "avx512f" in info.split() if info else None}
+
+
 def record_time(name: str, times_dir: Path = TIMES_DIR) -> float:
-    """Write this process's wall time so far (imports included) to times/<stage>.json: the report's time table."""
+    """Write this process's wall time so far (imports included) and the machine's CPU to times/<stage>.json: the
+    report's time table, and the CPU docs/results.md names beside it."""
     import json
     import time
 
     import psutil
     seconds = round(time.time() - psutil.Process().create_time(), 1)
     times_dir.mkdir(exist_ok=True)
-    (times_dir / f"{name}.json").write_text(json.dumps({"stage": name, "seconds": seconds}) + "\n")
+    (times_dir / f"{name}.json").write_text(json.dumps({"stage": name, "seconds": seconds, **machine()}) + "\n")
     return seconds
 
 
