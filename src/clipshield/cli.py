@@ -136,6 +136,21 @@ def report(params: ParamsFile = Path("params.yaml"), out: Annotated[Path, typer.
 
 
 @app.command()
+def docs(check: Annotated[bool, typer.Option("--check", help="write nothing; exit 1 if docs/results.md or README.md's "
+                                            "headline block would change")] = False):
+    """Regenerate docs/results.md and README.md's headline table from results/ and the default run (reports/,
+    metrics/, times/)."""
+    from .results_doc import update
+    from .ui import console
+
+    def work():
+        changed = update(Path("."), check)
+        console.print("up to date" if not changed else f"wrote {' and '.join(p.as_posix() for p in changed)}",
+                      highlight=False)
+    run(work, params=None)
+
+
+@app.command()
 def sweep(param: Annotated[str, typer.Argument(help="the swept parameter, e.g. par.eps")],
           model: Annotated[list[str], typer.Option(help="model(s) whose metrics to collect, e.g. "
                                                     "par-blended_stripes-s0, or a pattern: 'backdoor-*-s0'")],
