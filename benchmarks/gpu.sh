@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 15 in one call of the device tool (a lent H100/H200; README "On a GPU"): the training loop's
+# The GPU checks in one run on a GPU machine (an H100 or H200; docs/decisions.md#scale): the training loop's
 # samples/s per objective (ViT-B-32, batch 256, bf16) with and without decoding threads, the loop against a bare
 # open_clip loop, the diffusion stage against a plain diffusers loop (SD v1.5's architecture), and the miniature
 # paper run (tests/test_paper_run.py) with CUDA. Logs go to $OUT (or ./gpu-out). T_OBJ, T_RATIO, T_DIFF, T_PAPER: seconds

@@ -8,12 +8,12 @@ robust to a noisy machine: what clipshield's machinery costs.
     python benchmarks/train_step.py --data data/train --steps 5 --profile 15   # where a step's time goes
 
 With --layouts contiguous,channels_last it times the bare loop with the conv weights in each memory layout.
-clipshield keeps PyTorch's default (contiguous): on tiny-rn, 2 CPU cores, the world's images, channels-last
-steps in 0.98-1.01x the time (session 15; 0.82x on torch.randn inputs, which is why a synthetic benchmark misleads).
+clipshield keeps PyTorch's default (contiguous): on tiny-rn, a 2-core AMD EPYC with AVX2, the world's images,
+channels-last steps in 0.98-1.01x the time (0.82x on torch.randn inputs, which is why a synthetic benchmark misleads).
 With --profile N it runs torch.profiler over --steps bare steps and prints the N ops with the most self time per
-step, grouped by input shape: which layer costs what (README, "A vision tower half as wide").
+step, grouped by input shape: which layer costs what (docs/decisions.md#model).
 With --compile it times the bare loop eager and with the model under torch.compile (compile time printed). On
-tiny-rn, 2 CPU cores (session 16): 0.955x and 0.971x the step time in two runs, after 122 s of compiling with a cold
+tiny-rn, a 2-core AMD EPYC with AVX2: 0.955x and 0.971x the step time in two runs, after 122 s of compiling with a cold
 inductor cache (7 s warm). The default run's ~1,700 s of training would save about 60 s, and every stage (its own
 process) compiles again, so `train.compile: auto` stays off without a GPU.
 

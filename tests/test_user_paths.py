@@ -1,4 +1,4 @@
-"""Every path a user can take (issue 17): each bad input gives one line that says what is wrong and how to fix
+"""Every path a user can take: each bad input gives one line that says what is wrong and how to fix
 it, before any work where it can be known before; good inputs at other sizes work."""
 import io
 import json
