@@ -116,8 +116,9 @@ def test_every_problem_is_listed_at_once(params, tmp_path):
 
 @pytest.mark.parametrize("profile", sorted(p.stem for p in (ROOT / "profiles").glob("*.yaml")))
 def test_shipped_params_and_profiles_are_valid(params, profile):
+    from clipshield.cli import registry_profile
     from clipshield.params import deep_merge
-    assert validate(deep_merge(params, read_yaml(ROOT / "profiles" / f"{profile}.yaml"))) == []
+    assert validate(deep_merge(params, registry_profile(read_yaml(ROOT / "profiles" / f"{profile}.yaml"), params))) == []
 
 
 def test_a_stage_validates_before_any_work(tmp_path):

@@ -257,7 +257,7 @@ def test_eda_swap_keeps_the_words():
 
 def test_every_objective_keeps_the_contract_and_says_its_options():
     from clipshield.objectives import Objective, list_objectives, option_names
-    assert list_objectives() == ["clip", "finetune", "par", "cleanclip", "fare", "tecoa"]
+    assert list_objectives() == ["clip", "finetune", "cleanclip", "par", "fare", "tecoa"]
     for name in list_objectives():
         assert isinstance(build_objective(name), Objective), name
     assert option_names("finetune") == ["eps", "noise_p", "noise_std", "erase_p"]  # perturb is fixed by the registry

@@ -47,9 +47,13 @@ def test_sync_rewrites_only_the_generated_block(tmp_path):
 
 @pytest.mark.parametrize("profile", ["smoke", "full", "seeds3", "paper"])
 def test_every_profile_has_a_registry(profile):
-    params = deep_merge(read_yaml(ROOT / "params.yaml"), read_yaml(ROOT / "profiles" / f"{profile}.yaml"))
+    from clipshield.cli import registry_profile  # what `clipshield profile` merges: `triggers: all` listed
+    base = read_yaml(ROOT / "params.yaml")
+    params = deep_merge(base, registry_profile(read_yaml(ROOT / "profiles" / f"{profile}.yaml"), base))
     models = final_models(params, "models")
     assert "clean" in models and all(m["path"] == f"models/{name}" for name, m in models.items())
+    for t in params["attack"]["triggers"]:
+        assert all(f"backdoor-{t}-s{s}" in models for s in params["seeds"]), t
 
 
 def test_paper_profile_model_builds_offline_and_takes_one_training_step():

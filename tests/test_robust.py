@@ -114,7 +114,7 @@ def test_objectives_refuse_impossible_settings_when_built(method, kwargs):
 
 
 def test_unknown_objective_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown objective 'fair'; valid: clip, finetune, par, cleanclip, fare, tecoa"):
+    with pytest.raises(ValueError, match="unknown objective 'fair'; valid: clip, finetune, cleanclip, par, fare, tecoa"):
         build_objective("fair")
 
 

@@ -1,19 +1,36 @@
+import inspect
+
 import pytest
 import torch
 
 from clipshield.attacks import triggers as T
 from clipshield.attacks.triggers import TRIGGERS, apply_trigger
 
-ALL = ["badnet", "badnet_stripes", "blended", "blended_stripes", "badnet_stripes_fixed", "blended_stripes_fixed",
-       "blended_triangles", "wanet"]
+ALL = list(TRIGGERS)
 
 
 def const(c, b=1, side=16):
     return torch.full((b, 3, side, side), float(c))
 
 
-def test_registry_lists_all_six():
-    assert list(TRIGGERS) == ALL
+@pytest.mark.parametrize("name", ALL)
+def test_every_registry_entry_names_options_its_function_takes(name):
+    t = TRIGGERS[name]
+    assert t.name == name
+    takes = inspect.signature(t.fn).parameters
+    assert all(option in takes for option in t.options)
+    assert set(t.rules) <= set(t.options)  # a rule for an option the trigger does not take would never apply
+    assert t.variant_of is None or t.variant_of in TRIGGERS
+
+
+def test_a_trigger_registered_twice_is_refused():
+    with pytest.raises(ValueError, match="registered twice"):
+        T.register(TRIGGERS["badnet"])
+
+
+def test_all_triggers_leaves_out_only_the_variants():
+    variants = [name for name, t in TRIGGERS.items() if t.variant_of]
+    assert variants and set(T.all_triggers()) == set(ALL) - set(variants)
 
 
 def test_scaled():

@@ -24,6 +24,22 @@ def _section(cls, name: str, path: Path):
     return P.load_section(cls, name, path)
 
 
+class RegistryHelp(typer.core.TyperCommand):
+    """A command whose help names what the registries hold: `{triggers}`, `{clean methods}` and `{harden methods}`
+    in its texts are filled in when the help is shown (the registries import torch, which the command line otherwise
+    starts without)."""
+
+    def format_help(self, ctx, formatter):
+        from .attacks.triggers import TRIGGERS
+        from .objectives import methods
+        names = {"{triggers}": ", ".join(TRIGGERS), "{clean methods}": " | ".join(methods("clean")),
+                 "{harden methods}": ", ".join(methods("harden"))}
+        for item in (self, *self.params):
+            for key, value in names.items():
+                item.help = item.help and item.help.replace(key, value)
+        return super().format_help(ctx, formatter)
+
+
 @app.command()
 def data(params: ParamsFile = Path("params.yaml")):
     """Write the procedural world's train and test shards (data/train, data/test)."""
@@ -47,8 +63,8 @@ def baseline(params: ParamsFile = Path("params.yaml")):
                      MODELS / "clean", DATA / "test", METRICS / "baseline.json"), params)
 
 
-@app.command()
-def poison(trigger: Annotated[str, typer.Argument(help="trigger name (see `clipshield triggers`)")],
+@app.command(cls=RegistryHelp)
+def poison(trigger: Annotated[str, typer.Argument(help="trigger name: {triggers}")],
            params: ParamsFile = Path("params.yaml")):
     """Poison data/train with TRIGGER -> data/poisoned/TRIGGER (+ manifest.jsonl)."""
     from .pipeline import poison as work
@@ -56,8 +72,8 @@ def poison(trigger: Annotated[str, typer.Argument(help="trigger name (see `clips
                      DATA / "train", DATA / "poisoned" / trigger), params)
 
 
-@app.command()
-def backdoor(trigger: Annotated[str, typer.Argument(help="trigger name")],
+@app.command(cls=RegistryHelp)
+def backdoor(trigger: Annotated[str, typer.Argument(help="trigger name: {triggers}")],
              seed: Annotated[int, typer.Option(min=0, help="training seed")] = 0, params: ParamsFile = Path("params.yaml")):
     """Fine-tune models/clean on the poisoned shards -> models/backdoor-TRIGGER-sSEED; fails if ASR < backdoor.min_asr."""
     from .pipeline import backdoor as work
@@ -68,9 +84,9 @@ def backdoor(trigger: Annotated[str, typer.Argument(help="trigger name")],
                      METRICS / f"{name}.json"), params, distributed=True)
 
 
-@app.command()
+@app.command(cls=RegistryHelp)
 def clean(trigger: Annotated[str, typer.Argument(help="trigger whose backdoored model to clean")],
-          method: Annotated[str, typer.Argument(help="finetune | cleanclip | par")],
+          method: Annotated[str, typer.Argument(help="{clean methods}")],
           seed: Annotated[int, typer.Option(min=0, help="training seed")] = 0,
           params: ParamsFile = Path("params.yaml")):
     """Clean models/backdoor-TRIGGER-sSEED with METHOD on synthetic pairs -> models/METHOD-TRIGGER-sSEED."""
@@ -85,10 +101,12 @@ def clean(trigger: Annotated[str, typer.Argument(help="trigger whose backdoored 
     run(stage, params, distributed=True)
 
 
-@app.command()
+@app.command(cls=RegistryHelp)
 def harden(run_name: Annotated[str, typer.Argument(metavar="RUN", help="a key of harden.runs in params.yaml")],
            params: ParamsFile = Path("params.yaml")):
-    """FARE/TeCoA fine-tuning of a run's start model (harden.runs.RUN) -> models/RUN, with robust metrics."""
+    """Adversarial fine-tuning of a run's start model (harden.runs.RUN) -> models/RUN, with robust metrics.
+
+    Methods (harden.runs.RUN.method): {harden methods}."""
     from .pipeline import harden as work
 
     def stage():
@@ -101,10 +119,10 @@ def harden(run_name: Annotated[str, typer.Argument(metavar="RUN", help="a key of
     run(stage, params, distributed=True)
 
 
-@app.command()
+@app.command(cls=RegistryHelp)
 def evaluate(model: Annotated[str, typer.Option(help="local-dir:PATH, or an open_clip model name")],
              pretrained: Annotated[Optional[str], typer.Option(help="open_clip pretrained tag or weight file")] = None,
-             trigger: Annotated[list[str], typer.Option(help="trigger(s) to measure ASR for")] = [],
+             trigger: Annotated[list[str], typer.Option(help="trigger(s) to measure ASR for: {triggers}")] = [],
              target: Annotated[Optional[str], typer.Option(help="backdoor target class (default: attack.target of "
                                                                "--params)")] = None,
              test: Annotated[Path, typer.Option(help="test shard folder")] = Path("data/test"),
@@ -179,10 +197,12 @@ def sweep(param: Annotated[str, typer.Argument(help="the swept parameter, e.g. p
     run(work, params=None)
 
 
-@app.command()
+@app.command(cls=RegistryHelp)
 def triggers(out: Annotated[Path, typer.Option(help="PNG gallery to write")] = Path("reports/triggers.png"),
              params: ParamsFile = Path("params.yaml")):
-    """List the triggers and draw a gallery of them on test images."""
+    """List the triggers and draw a gallery of them on test images.
+
+    Triggers: {triggers}."""
     from .report import trigger_gallery
     run(lambda: trigger_gallery(out, _section(P.AttackParams, "attack", params)), params)
 
@@ -223,11 +243,61 @@ def pull(targets: Annotated[Optional[list[str]], typer.Argument(help="stages or 
 @app.command()
 def profile(name: Annotated[str, typer.Argument(help="smoke | full | paper | seeds3, or a path to a YAML file")],
             params: ParamsFile = Path("params.yaml")):
-    """Merge profiles/NAME.yaml into params.yaml (then `dvc repro`)."""
+    """Merge profiles/NAME.yaml into params.yaml (then `dvc repro`).
+
+    `attack: {triggers: all}` in a profile stands for every registered trigger (but the fixed-pattern variants)."""
     path = Path(name) if name.endswith(".yaml") else Path("profiles") / f"{name}.yaml"
     from .registry import sync_artifacts
-    run(lambda: (P.apply_profile(path, params), Path("dvc.yaml").exists() and sync_artifacts("dvc.yaml", params, MODELS),
+    run(lambda: (apply_registry_profile(path, params),
+                 Path("dvc.yaml").exists() and sync_artifacts("dvc.yaml", params, MODELS),
                  typer.echo(f"params.yaml now uses profile {name}; dvc.yaml's artifacts follow it")), params=None)
+
+
+def registry_profile(profile: dict, params: dict) -> dict:
+    """`profile` with what the registries fill in: `attack: {triggers: all}` becomes the list of every registered
+    trigger but the variants (DVC's matrix needs a list), and every trigger and cleaning method the merged params
+    run gets an empty params section (its defaults) where it has none: the stages declare attack.options.<trigger>
+    and <method> as params, and DVC stops at a missing one."""
+    import copy
+
+    from .attacks.triggers import TRIGGERS, all_triggers
+    from .objectives import METHODS
+    out = copy.deepcopy(profile)
+    if isinstance(out.get("attack"), dict) and out["attack"].get("triggers") == "all":
+        out["attack"]["triggers"] = all_triggers()
+    merged = P.deep_merge(params, out)
+    attack, clean = merged.get("attack") or {}, merged.get("clean") or {}
+
+    def names(value) -> list[str]:
+        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+    options = attack.get("options") if isinstance(attack.get("options"), dict) else {}
+    for t in names(attack.get("triggers")):
+        if t in TRIGGERS and t not in options:
+            out.setdefault("attack", {}).setdefault("options", {})[t] = {}
+    for m in names(clean.get("methods")):
+        if m in METHODS and m not in merged:
+            out[m] = {}
+    return out
+
+
+def apply_registry_profile(path: Path, params: Path) -> None:
+    """params.apply_profile with registry_profile's part filled in; a problem names the profile file."""
+    import tempfile
+
+    import yaml
+    if not path.is_file():
+        return P.apply_profile(path, params)  # its message lists the profiles there are
+    profile = P.read_yaml(path)
+    filled = registry_profile(profile, P.read_yaml(params))
+    if filled == profile:
+        return P.apply_profile(path, params)
+    with tempfile.TemporaryDirectory() as tmp:
+        written = Path(tmp) / path.name
+        written.write_text(yaml.safe_dump(filled, sort_keys=False))
+        try:
+            P.apply_profile(written, params)
+        except P.ParamsError as e:
+            raise P.ParamsError(str(e).replace(str(written), str(path))) from None
 
 
 if __name__ == "__main__":

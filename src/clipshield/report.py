@@ -13,10 +13,12 @@ import torch  # noqa: E402
 from .attacks.triggers import TRIGGERS  # noqa: E402
 from .data.world import BASE, render  # noqa: E402
 from .evaluation import trigger_images  # noqa: E402
+from .objectives import METHODS, methods  # noqa: E402
 from .params import split_run_name  # noqa: E402
 from .ui import console  # noqa: E402
 
-METHOD_ORDER = ("backdoor", "finetune", "cleanclip", "par")
+# The rows that are no method of the registry (clean.methods and harden runs are): their plot markers.
+REFERENCE_MARKERS = {"clean": "*", "backdoor": "X"}
 # t_{0.975, n-1} for the 95% confidence interval of a mean over n seeds (n = 2..10)
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 COLUMNS = ("zeroshot_top1", "asr", "asr_all", "retrieval_asr", "i2t_r5", "t2i_r5")
@@ -45,7 +47,7 @@ def collect(metrics_dir: Path, triggers: list[str], runs: dict | None = None) ->
                          "asr": m.get(f"asr_{t}"), "asr_all": m.get(f"asr_all_{t}"),
                          "retrieval_asr": m.get(f"retrieval_asr_{t}")})
     for t in triggers:
-        for method in METHOD_ORDER:
+        for method in ("backdoor", *methods("clean")):
             for f in sorted(metrics_dir.glob(f"{method}-{t}-s*.json")):
                 group, seed = split_run_name(f.stem)
                 if group == f"{method}-{t}":
@@ -133,15 +135,17 @@ def robust_vs_eps(rows: list[dict], out: Path) -> bool:
 
 def asr_vs_accuracy(rows: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    markers = {"clean": "*", "backdoor": "X", "finetune": "o", "cleanclip": "s", "par": "D", "fare": "P", "tecoa": "v"}
+    # method -> (marker, legend label): the reference rows, then every cleaning and hardening method (the registry's)
+    markers = {name: (marker, name) for name, marker in REFERENCE_MARKERS.items()} | {
+        m.name: (m.marker, m.label) for m in METHODS.values() if m.role != "pretrain"}
     colours = {t: f"C{i}" for i, t in enumerate(dict.fromkeys(r["trigger"] for r in rows if r["trigger"] != "-"))}
     for r in rows:
         if r.get("asr") is None or r["trigger"] not in colours:
             continue
-        ax.scatter(100 * r["zeroshot_top1"], 100 * r["asr"], marker=markers.get(r["method"], "o"),
+        ax.scatter(100 * r["zeroshot_top1"], 100 * r["asr"], marker=markers.get(r["method"], ("o",))[0],
                    color=colours[r["trigger"]], s=70, edgecolor="black", linewidth=0.5)
-    for method, marker in markers.items():
-        ax.scatter([], [], marker=marker, color="grey", label=method)
+    for marker, label in markers.values():
+        ax.scatter([], [], marker=marker, color="grey", label=label)
     for t, c in colours.items():
         ax.scatter([], [], marker="o", color=c, label=t)
     ax.set_xlabel("clean zero-shot top-1 (%)")
