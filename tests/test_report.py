@@ -114,3 +114,14 @@ def test_asr_during_training_reads_every_run_that_logged_it(metrics, tmp_path):
     assert panels["blended"][0][1] == [(0.0, 0.95), (100.0, 0.3), (200.0, 0.04)]
     assert asr_during_training(rows, logs, tmp_path / "asr.png") and (tmp_path / "asr.png").stat().st_size > 5000
     assert not asr_during_training(rows, tmp_path / "nowhere", tmp_path / "none.png")
+
+
+def test_a_registered_cleaning_method_gets_its_rows_in_registration_order(metrics, monkeypatch):
+    from clipshield import objectives
+    monkeypatch.setitem(objectives.METHODS, "toy", objectives.Method("toy", objectives.ClipObjective, "clean"))
+    (metrics / "toy-blended-s0.json").write_text(json.dumps({"zeroshot_top1": 0.7, "asr": 0.5}))
+    (metrics / "finetune-blended-s0.json").write_text(json.dumps({"zeroshot_top1": 0.85, "asr": 0.6}))
+    rows = collect(metrics, ["blended"])
+    assert [r["model"] for r in rows] == ["clean", "backdoor-blended-s0", "finetune-blended-s0", "par-blended-s0",
+                                          "par-blended-s1", "par-blended-s2", "toy-blended-s0"]
+    assert rows[-1]["method"] == "toy"

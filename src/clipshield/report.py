@@ -135,17 +135,16 @@ def robust_vs_eps(rows: list[dict], out: Path) -> bool:
 
 def asr_vs_accuracy(rows: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    # method -> (marker, legend label): the reference rows, then every cleaning and hardening method (the registry's)
-    markers = {name: (marker, name) for name, marker in REFERENCE_MARKERS.items()} | {
-        m.name: (m.marker, m.label) for m in METHODS.values() if m.role != "pretrain"}
+    # the reference rows, then every cleaning and hardening method (the registry's), named as in the table
+    markers = REFERENCE_MARKERS | {m.name: m.marker for m in METHODS.values() if m.role != "pretrain"}
     colours = {t: f"C{i}" for i, t in enumerate(dict.fromkeys(r["trigger"] for r in rows if r["trigger"] != "-"))}
     for r in rows:
         if r.get("asr") is None or r["trigger"] not in colours:
             continue
-        ax.scatter(100 * r["zeroshot_top1"], 100 * r["asr"], marker=markers.get(r["method"], ("o",))[0],
+        ax.scatter(100 * r["zeroshot_top1"], 100 * r["asr"], marker=markers.get(r["method"], "o"),
                    color=colours[r["trigger"]], s=70, edgecolor="black", linewidth=0.5)
-    for marker, label in markers.values():
-        ax.scatter([], [], marker=marker, color="grey", label=label)
+    for method, marker in markers.items():
+        ax.scatter([], [], marker=marker, color="grey", label=method)
     for t, c in colours.items():
         ax.scatter([], [], marker="o", color=c, label=t)
     ax.set_xlabel("clean zero-shot top-1 (%)")
@@ -304,7 +303,9 @@ def paper_table(table: list[dict]) -> str:
              for t, (par, cc) in PAPER_ASR.items() if (t, "par") in asr or (t, "cleanclip") in asr]
     if not lines:
         return ""
-    return "\n".join(["| trigger | PAR | CleanCLIP | paper: PAR | paper: CleanCLIP |", "|---|---|---|---|---|", *lines])
+    par, cleanclip = METHODS["par"].label, METHODS["cleanclip"].label
+    return "\n".join([f"| trigger | {par} | {cleanclip} | paper: {par} | paper: {cleanclip} |", "|---|---|---|---|---|",
+                      *lines])
 
 
 STAGE_ORDER = ("data", "pretrain", "baseline", "poison", "backdoor", "synth", "clean", "robust", "harden", "report")

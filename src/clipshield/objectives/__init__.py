@@ -25,9 +25,9 @@ ROLES = ("clean", "harden", "pretrain")
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """A registry entry: the name (in clean.methods or harden.runs, and the method's own params section), the
-    factory (its options -> an Objective), its role (one of ROLES) and, for the report, its plot marker
-    (matplotlib) and legend label (default: the name)."""
+    """A registry entry: the name (in clean.methods or harden.runs, the method's own params section and its models'
+    names), the factory (its options -> an Objective), its role (one of ROLES), its plot marker (matplotlib) in the
+    report, and its label where prose or a table names the method (default: the name)."""
     name: str
     factory: Callable[..., Objective]
     role: str
@@ -77,9 +77,9 @@ def option_names(name: str) -> list[str]:
 
 
 # The registry, in the order of every listing and of the report's rows and legend: one line per method.
-register(Method("clip", ClipObjective, "pretrain"))
-register(Method("finetune", functools.partial(ParObjective, perturb=False), "clean", marker="o"))
-register(Method("cleanclip", CleanClipObjective, "clean", marker="s"))
-register(Method("par", ParObjective, "clean", marker="D"))
-register(Method("fare", FareObjective, "harden", marker="P"))
-register(Method("tecoa", TecoaObjective, "harden", marker="v"))
+register(Method("clip", ClipObjective, "pretrain", label="CLIP"))
+register(Method("finetune", functools.partial(ParObjective, perturb=False), "clean", marker="o", label="fine-tuning"))
+register(Method("cleanclip", CleanClipObjective, "clean", marker="s", label="CleanCLIP"))
+register(Method("par", ParObjective, "clean", marker="D", label="PAR"))
+register(Method("fare", FareObjective, "harden", marker="P", label="FARE"))
+register(Method("tecoa", TecoaObjective, "harden", marker="v", label="TeCoA"))
