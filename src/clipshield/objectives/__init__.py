@@ -1,7 +1,7 @@
 """Objectives: one loss per method (the contract: base.Objective), and the registry of methods.
 
-A new method is one new file here and one `register` line at the end of this file: its name, its factory, its role
-and how the report draws it. `build_objective` makes one by name and `option_names` says what its params section may
+A new method is one new file here, imported here and registered by one `register` line at the end of this file:
+its name, its factory, its role and how the report shows it. `build_objective` makes one by name and `option_names` says what its params section may
 set; params validation, the report and the CLI read the registry.
 """
 from __future__ import annotations

@@ -4,9 +4,9 @@ Every trigger takes images (B, 3, H, W) and one integer seed per sample, and ret
 images clamped to [0, 1] (the original code wraps out-of-range patch values through uint8; we clamp).
 Sizes are given at 224 px and scale with H unless set explicitly.
 
-A trigger is one file in this folder: its function and its `Trigger` entry (options and their rules), registered
-by one line at the end of this file. params.yaml's validation, the profiles (`attack: {triggers: all}`), the report,
-the CLI and the tests read the registry.
+A trigger is one file in this folder: its function and its `Trigger` entry (options and their rules), imported
+here and registered by one `register` line at the end of this file. params.yaml's validation, the profiles
+(`attack: {triggers: all}`), the report, the CLI and the tests read the registry.
 """
 from __future__ import annotations
 
