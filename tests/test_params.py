@@ -249,3 +249,54 @@ def test_loader_threads_auto_is_none_on_cpu_and_a_share_of_the_cores_on_gpu(monk
     assert LaunchParams().decode_threads(on_gpu=True) == 8
     assert LaunchParams(nproc=4).decode_threads(on_gpu=True) == 4
     assert LaunchParams(loader_threads=2).decode_threads(on_gpu=False) == 2
+
+
+def test_a_misspelt_section_is_refused_naming_the_one_meant():
+    """An unknown top-level section used to be read past: `pars: {eps: 1}` left par's eps at its default."""
+    from pathlib import Path
+
+    from clipshield.params import validate
+    raw = read_yaml(Path(__file__).parent.parent / "params.yaml")
+    assert validate({**raw, "pars": {"eps": 1}}) == ["unknown section `pars` in params.yaml; did you mean `par`?"]
+    (problem,) = validate({**raw, "zzzzzz": {"k": 1}})
+    assert problem.startswith("unknown section `zzzzzz` in params.yaml; known sections: seeds, train, data, eval")
+
+
+def test_more_test_images_than_the_world_makes_are_refused_with_both_numbers():
+    """eval.test_n above data.test_n used to evaluate data.test_n images and say nothing."""
+    from pathlib import Path
+
+    from clipshield.params import validate
+    raw = read_yaml(Path(__file__).parent.parent / "params.yaml")
+    assert validate(deep_merge(raw, {"eval": {"test_n": 5000}})) == [
+        "`eval.test_n` = 5000 is not allowed; the test set holds data.test_n = 2000 samples: set eval.test_n: 2000 "
+        "(or fewer), or raise data.test_n to 5000"]
+    shards = {"source": "shards", "train_shards": "cc3m", "test_shards": "val"}
+    assert validate(deep_merge(raw, {"eval": {"test_n": 5000}, "data": {**shards, "test_n": 0}})) == []  # size unknown
+    assert "at most data.test_n = 1000" in validate(deep_merge(raw, {"eval": {"test_n": 5000},
+                                                                     "data": {**shards, "test_n": 1000}}))[0]
+
+
+def test_one_value_is_one_problem_whatever_the_types_it_may_take():
+    """A union (int or float, a number or `auto`) fails in each of its members: the user reads one line."""
+    from pathlib import Path
+
+    from clipshield.params import validate
+    raw = read_yaml(Path(__file__).parent.parent / "params.yaml")
+    assert validate(deep_merge(raw, {"train": {"loader_threads": "many"}, "harden": {"warmup": "7%"},
+                                     "par": {"eps": "big"}})) == [
+        "`train.loader_threads` = 'many' is not allowed; use auto or a whole number >= 0 (0: decode in the training "
+        "thread)",
+        "harden.warmup = '7%' has the wrong type; expected int | float",
+        "`par.eps` = 'big' must be a number"]
+
+
+def test_sections_built_in_code_are_checked_and_keep_their_defaults():
+    import dataclasses
+
+    from clipshield.params import LaunchParams, PoisonParams
+    p = parse(TrainParams, OK, "clean")
+    assert dataclasses.replace(p, seed=3).seed == 3 and vars(p) == vars(TrainParams(**OK))
+    assert PoisonParams(0.2, 1).rate == 0.2 and LaunchParams().loader_threads == "auto"
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        PoisonParams(2.0, 1)

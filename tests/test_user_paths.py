@@ -355,7 +355,8 @@ def test_an_interrupted_stage_names_the_outputs_it_had_already_written(project, 
 
 
 def test_sigterm_is_handled_like_ctrl_c(project):
-    edit_params(project / "params.yaml", lambda p: p["data"].update(train_n=10 ** 6, test_n=20, per_shard=50))
+    edit_params(project / "params.yaml", lambda p: (p["data"].update(train_n=10 ** 6, test_n=20, per_shard=50),
+                                                    p["eval"].update(test_n=20)))
     proc = subprocess.Popen([sys.executable, "-m", "clipshield.cli", "data"], cwd=project, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "400"})
     deadline = time.time() + 60

@@ -17,6 +17,7 @@ from .data.shards import as_float_images
 from .models import Clip
 from .distributed import gather, mean_over_ranks, world
 from .files import atomic_path
+from .schedules import SCHEDULES  # the learning rate over a run (lr_at)
 from .ui import console, progress_bar
 
 
@@ -31,9 +32,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, how: str = "interrupted", note: str = "", rerun: str = ""):
         super().__init__(how)
         self.how, self.note, self.rerun = how, note, rerun
-
-
-SCHEDULES = ("cosine", "par", "constant")  # the learning rate over a run (lr_at)
 
 
 @dataclass
