@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .attacks.triggers import apply_trigger
 from .data.classes import ClassSpace, world_classes
-from .models import Clip
 from .seeds import EVAL_SEED, EVAL_TRIGGER, derive_seed
+
+if TYPE_CHECKING:  # annotations only: the objectives (tecoa) and the report use these metrics without loading models
+    from .models import Clip
 
 
 # ---- pure functions -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
+from .errors import ModelError
 from .files import atomic_path, json_object
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -23,10 +24,6 @@ CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 PROVENANCE_FILE = "provenance.json"
 TOKEN_CACHE = 200_000  # captions whose token ids a model keeps (200k x 77 int64: 120 MB at most)
-
-
-class ModelError(ValueError):
-    """A model name, folder or weight file is wrong; the message says how to fix it."""
 
 
 def register_configs() -> list[str]:

@@ -10,11 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import RemoteError
 from .params import read_yaml, run_name
-
-
-class RemoteError(RuntimeError):
-    """A dvc push/pull/get failed; the message says how to configure the remote."""
 
 
 MARKER = "# Model registry: generated from params.yaml by `clipshield registry` (do not edit by hand)."

@@ -7,11 +7,8 @@ import sys
 import threading
 from pathlib import Path
 
-from .data.shards import DataError
-from .models import ModelError
+from .errors import DataError, Interrupted, ModelError, RemoteError, TrainingError
 from .params import ParamsError, check_params
-from .registry import RemoteError
-from .training import Interrupted, TrainingError
 from .ui import console, written
 
 EXPECTED = (DataError, ModelError, ParamsError, TrainingError, ValueError, FileNotFoundError, RemoteError)
@@ -118,28 +115,28 @@ def record_time(name: str, times_dir: Path = TIMES_DIR) -> float:
     return seconds
 
 
-def run(work, params: str | Path | None = "params.yaml", distributed: bool = False) -> None:
+def run(work, params: str | Path | None = "params.yaml", distributed: bool = False, timed: bool = True) -> None:
     """Validate the whole params file (every problem at once), then do `work` (a training stage with
     `distributed`: under torchrun when train.nproc > 1). Ctrl-C and SIGTERM stop it the same way. A stage script
-    (stages/*.py) records its wall time in times/ (the report's time table)."""
+    (stages/*.py) records its wall time in times/ (the report's time table) unless not `timed`."""
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     written.clear()
     try:
-        _run(work, params, distributed)
+        _run(work, params, distributed, timed)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _run(work, params, distributed: bool) -> None:
+def _run(work, params, distributed: bool, timed: bool) -> None:
     try:
         if params is not None and Path(params).exists():
             check_params(params)
             if distributed:
                 launch_distributed(params)
         work()
-        if Path(sys.argv[0]).parent.name == "stages" and os.environ.get("LOCAL_RANK", "0") == "0":
+        if timed and Path(sys.argv[0]).parent.name == "stages" and os.environ.get("LOCAL_RANK", "0") == "0":
             record_time(stage_name(sys.argv))
     except EXPECTED as e:
         # One unwrapped line, no markup: messages quote params and lists verbatim.

@@ -14,24 +14,13 @@ from typing import Callable, Iterator
 import torch
 
 from .data.shards import as_float_images
+from .errors import Interrupted, TrainingError
 from .models import Clip
 from .distributed import gather, mean_over_ranks, world
 from .files import atomic_path
+from .objectives.base import set_train_mode
 from .schedules import SCHEDULES  # the learning rate over a run (lr_at)
 from .ui import console, progress_bar
-
-
-class TrainingError(RuntimeError):
-    pass
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM (`how`), with what a stopped training run left behind (`note`) and what rerunning the
-    stage will do (`rerun`); stage.run prints them."""
-
-    def __init__(self, how: str = "interrupted", note: str = "", rerun: str = ""):
-        super().__init__(how)
-        self.how, self.note, self.rerun = how, note, rerun
 
 
 @dataclass
@@ -74,17 +63,6 @@ def param_groups(params: list[tuple[str, torch.nn.Parameter]], weight_decay: flo
     decay = [p for n, p in params if p.ndim >= 2 and "logit_scale" not in n]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and "logit_scale" not in n)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def set_train_mode(model: torch.nn.Module, train_batchnorm: bool = True) -> None:
-    """Train mode; with `train_batchnorm=False` batch-norm layers keep using (and keep) their running
-    statistics, so a fine-tuned ResNet tower equals its frozen start copy f^0 until its weights move
-    (otherwise S_I of PAR and FARE's loss are not zero at step 0)."""
-    model.train()
-    if not train_batchnorm:
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
 
 
 @dataclass

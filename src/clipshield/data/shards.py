@@ -25,11 +25,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from ..errors import DataError
 from ..files import atomic_path, json_object
-
-
-class DataError(ValueError):
-    """A data set is missing, empty or corrupt; the message says how to fix it."""
 
 
 # Images up to this side are stored raw (binary PPM: a 15-byte header, then the pixels). Decoding a 32-px PNG

@@ -6,6 +6,17 @@ import torch
 from ..distributed import gather
 
 
+def set_train_mode(model: torch.nn.Module, train_batchnorm: bool = True) -> None:
+    """Train mode; with `train_batchnorm=False` batch-norm layers keep using (and keep) their running
+    statistics, so a fine-tuned ResNet tower equals its frozen start copy f^0 until its weights move
+    (otherwise S_I of PAR and FARE's loss are not zero at step 0)."""
+    model.train()
+    if not train_batchnorm:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 class Objective:
     """One training method: `objective(batch, clip, frozen) -> (loss, logs)`.
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..attacks.pgd import check_attack, pgd
-from ..training import set_train_mode
-from .base import Objective
+from .base import Objective, set_train_mode
 
 
 class VisionAdversarialObjective(Objective):
