@@ -1,7 +1,7 @@
 """DVC stage `backdoor@TRIGGER-SEED`: --start (models/clean) fine-tuned on --data (data/poisoned/TRIGGER) with
 training seed SEED -> --out (models/backdoor-TRIGGER-sSEED)."""
 from clipshield.params import AttackParams, BackdoorParams, EvalParams, PoisonParams, load_section
-from clipshield.pipeline import backdoor
+from clipshield.work.backdoor import backdoor
 from clipshield.stage import arguments, run
 
 

@@ -1,6 +1,6 @@
 """DVC stage `baseline`: the clean model's ASR for every trigger of attack.triggers -> --metrics."""
 from clipshield.params import AttackParams, EvalParams, load_section
-from clipshield.pipeline import baseline
+from clipshield.work.baseline import baseline
 from clipshield.stage import arguments, run
 
 

@@ -1,7 +1,7 @@
 """DVC stage `clean@TRIGGER-METHOD-SEED`: --start (models/backdoor-TRIGGER-sSEED) cleaned with METHOD on the
 synthetic pairs --data -> --out (models/METHOD-TRIGGER-sSEED)."""
 from clipshield.params import AttackParams, CleanParams, EvalParams, load_section, read_yaml
-from clipshield.pipeline import clean
+from clipshield.work.clean import clean
 from clipshield.stage import arguments, run
 
 

@@ -1,6 +1,6 @@
 """DVC stage `data`: the procedural world's (or imported) train and test shards -> --train, --test."""
 from clipshield.params import DataParams, load_section
-from clipshield.pipeline import make_data
+from clipshield.work.data import make_data
 from clipshield.stage import arguments, run
 
 

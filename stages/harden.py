@@ -1,7 +1,7 @@
 """DVC stage `harden@RUN`: FARE/TeCoA fine-tuning of the run's start model --start on --data -> --out (models/RUN)
 (the run's method, start and optional eps: params.yaml harden.runs.RUN), robust metrics against --reference."""
 from clipshield.params import AttackParams, EvalParams, HardenParams, RobustParams, load_section, read_yaml
-from clipshield.pipeline import harden
+from clipshield.work.harden import harden
 from clipshield.stage import arguments, run
 
 

@@ -1,6 +1,6 @@
 """DVC stage `poison@TRIGGER`: the shards --data with the trigger on round(rate*N) samples -> --out."""
 from clipshield.params import AttackParams, PoisonParams, load_section
-from clipshield.pipeline import poison
+from clipshield.work.poison import poison
 from clipshield.stage import arguments, run
 
 

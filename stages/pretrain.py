@@ -1,6 +1,6 @@
 """DVC stage `pretrain`: a tiny CLIP trained from scratch on the clean shards --train -> --out (models/clean)."""
 from clipshield.params import EvalParams, PretrainParams, load_section
-from clipshield.pipeline import pretrain
+from clipshield.work.pretrain import pretrain
 from clipshield.stage import arguments, run
 
 

@@ -1,6 +1,6 @@
 """DVC stage `robust`: robust accuracy and distortion of --model (the clean model: the baseline row)."""
 from clipshield.params import EvalParams, RobustParams, load_section
-from clipshield.pipeline import robust_baseline
+from clipshield.work.robust import robust_baseline
 from clipshield.stage import arguments, run
 
 

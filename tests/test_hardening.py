@@ -281,7 +281,7 @@ def test_a_run_of_other_code_params_or_start_weights_has_another_fingerprint(tmp
     assert pipeline.run_fingerprint(clip, build_objective("clip"), data, p) == first
     assert pipeline.run_fingerprint(clip, build_objective("clip"), data, TrainParams(steps=10, batch_size=8, lr=2e-3)) != first
     assert pipeline.run_fingerprint(models.create("smoke-rn", seed=1), build_objective("clip"), data, p) != first
-    monkeypatch.setattr(pipeline, "code_digest", lambda: "edited objectives/clip.py")  # DVC reruns on a code change
+    monkeypatch.setattr("clipshield.work.train.code_digest", lambda: "edited objectives/clip.py")  # DVC reruns on a code change
     assert pipeline.run_fingerprint(clip, build_objective("clip"), data, p) != first
 
 
