@@ -141,16 +141,8 @@ def evaluate(model: Annotated[str, typer.Option(help="local-dir:PATH, or an open
 @app.command()
 def report(params: ParamsFile = Path("params.yaml"), out: Annotated[Path, typer.Option()] = Path("reports")):
     """Write reports/: the comparison table (markdown), ASR-vs-accuracy plot and trigger gallery."""
-    from .report import pipeline_stages, write_report
-
-    def work():
-        attack, harden = _section(P.AttackParams, "attack", params), _section(P.HardenParams, "harden", params)
-        cleaning = _section(P.CleanParams, "clean", params)
-        seeds = P.read_yaml(params).get("seeds") or [0]
-        data = {m: cleaning.data for m in cleaning.methods} | {"fare": harden.data, "tecoa": harden.data}
-        write_report(attack, METRICS, out, harden.runs, data=data,
-                     stages=pipeline_stages(attack.triggers, cleaning.methods, seeds, harden.runs))
-    run(work, params)
+    from .work.report import report as work
+    run(lambda: work(params, METRICS, out), params)
 
 
 @app.command()
@@ -212,6 +204,19 @@ def registry(params: ParamsFile = Path("params.yaml")):
     """Regenerate dvc.yaml's `artifacts:` (the model registry) from params.yaml."""
     from .registry import sync_artifacts
     run(lambda: typer.echo(f"dvc.yaml declares {sync_artifacts('dvc.yaml', params, MODELS)} model artifacts"), params)
+
+
+@app.command()
+def deps(check: Annotated[bool, typer.Option("--check", help="write nothing; fail if a stage's code deps are "
+                                             "stale")] = False):
+    """Write each stage's code deps in dvc.yaml: its script and every module it imports, directly or not."""
+    from .deps import write_deps
+
+    def work():
+        changed = write_deps("dvc.yaml", check=check)
+        typer.echo(f"dvc.yaml: rewrote the code deps of {', '.join(changed)}" if changed else
+                   "dvc.yaml: every stage's code deps are up to date")
+    run(work, params=None)
 
 
 @app.command()

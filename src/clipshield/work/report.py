@@ -1,0 +1,20 @@
+"""Stage `report`: reports/ from every model's metrics, the training logs and the stages' wall times."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..params import AttackParams, CleanParams, HardenParams, load_section, read_yaml
+from ..report import pipeline_stages, write_report
+
+
+def report(params: str | Path, metrics_dir: str | Path, out: str | Path, log_dir: str | Path = "dvclive",
+           times_dir: str | Path = "times") -> Path:
+    """Write `out` (reports/): the comparison table, the plots and the trigger gallery, for the models that
+    `params` makes."""
+    attack, harden = load_section(AttackParams, "attack", params), load_section(HardenParams, "harden", params)
+    cleaning = load_section(CleanParams, "clean", params)
+    seeds = read_yaml(params).get("seeds") or [0]
+    data = {m: cleaning.data for m in cleaning.methods} | {"fare": harden.data, "tecoa": harden.data}
+    return write_report(attack, Path(metrics_dir), Path(out), harden.runs, log_dir=Path(log_dir), data=data,
+                        times_dir=Path(times_dir),
+                        stages=pipeline_stages(attack.triggers, cleaning.methods, seeds, harden.runs))
