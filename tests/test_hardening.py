@@ -99,6 +99,46 @@ def test_each_bad_param_is_named_with_what_is_allowed(params, edit, expected):
     assert len(problems) == 1 and expected in problems[0], problems
 
 
+def test_harden_matrix_makes_a_run_per_method_start_trigger_and_seed(params):
+    from clipshield.params import harden_runs
+    params["seeds"], params["attack"]["triggers"] = [0, 1], ["badnet", "blended"]
+    params["harden"]["matrix"] = {"methods": ["fare", "tecoa"], "starts": ["par", "backdoor"]}
+    assert validate(params) == []
+    runs = harden_runs(params)
+    assert list(runs)[:5] == ["fare-clean", "fare-par-badnet-s0", "fare-par-badnet-s1", "fare-par-blended-s0",
+                              "fare-par-blended-s1"]
+    assert len(runs) == 1 + 2 * 2 * 2 * 2 and list(runs)[-1] == "tecoa-backdoor-blended-s1"
+    assert runs["tecoa-backdoor-badnet-s1"] == {"method": "tecoa", "start": "backdoor-badnet-s1"}
+    assert runs["fare-clean"] == {"method": "fare", "start": "clean"}  # harden.runs as written
+    params["harden"]["matrix"] = {"methods": ["fare"], "starts": []}  # an empty list: no run (DVC: no stage)
+    assert validate(params) == [] and list(harden_runs(params)) == ["fare-clean"]
+
+
+@pytest.mark.parametrize("matrix, expected", [
+    ({"methods": ["fare"], "starts": ["parr"]},
+     "`harden.matrix.starts` = 'parr' is not allowed; valid starts: finetune, cleanclip, par, backdoor"),
+    ({"methods": ["fair"], "starts": ["par"]}, "`harden.matrix.methods` = 'fair' is not allowed; valid harden methods"),
+    ({"methods": ["fare"], "start": ["par"]}, "did you mean `harden.matrix.starts`?"),
+    ({"methods": ["fare"], "starts": ["par", "par"]}, "harden.matrix lists fare or par twice; list each once"),
+])
+def test_each_bad_harden_matrix_is_named(params, matrix, expected):
+    params["harden"]["matrix"] = matrix
+    problems = validate(params)
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_a_run_given_by_hand_and_by_the_matrix_is_refused(params):
+    params["harden"]["runs"]["fare-par-blended_stripes-s0"] = {"method": "fare", "start": "par-blended_stripes-s0"}
+    assert validate(params) == ["`harden.runs.fare-par-blended_stripes-s0` is also made by harden.matrix (fare from "
+                                "par-blended_stripes-s0); remove it from harden.runs"]
+
+
+def test_a_profile_gives_the_harden_matrix_whole(params):
+    from clipshield.params import merge_profile
+    merged = merge_profile(params, {"harden": {"matrix": {"methods": ["tecoa"]}}})
+    assert merged["harden"]["matrix"] == {"methods": ["tecoa"]} and merged["harden"]["runs"] == params["harden"]["runs"]
+
+
 def test_every_problem_is_listed_at_once(params, tmp_path):
     params["par"]["eps"] = -1
     params["poison"]["rate"] = 2

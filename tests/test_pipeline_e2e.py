@@ -57,7 +57,8 @@ def test_repro_trains_and_evaluates_every_model(project):
     assert stages[:2] == ["data", "pretrain"]
     assert {"poison@blended_stripes", "backdoor@blended_stripes-0", "synth", "clean@blended_stripes-finetune-0",
             "clean@blended_stripes-cleanclip-0", "clean@blended_stripes-par-0", "harden@fare-clean",
-            "harden@tecoa-clean", "harden@fare-par-blended_stripes-s0", "harden@fare-backdoor-blended_stripes-s0",
+            "harden@tecoa-clean", "harden_matrix@fare-par-blended_stripes-0",
+            "harden_matrix@fare-backdoor-blended_stripes-0",
             "report"} == set(stages) - {"data", "pretrain", "baseline", "robust"}
     assert "asr_blended_stripes" in json.loads((root / "metrics/baseline.json").read_text())
     clean = json.loads((root / "metrics/clean.json").read_text())
@@ -127,7 +128,7 @@ def test_exp_run_par_eps_reruns_only_par_stages_and_their_dependents(project):
     # PAR, then FARE from the PAR model (its input changed: provenance records eps); the report re-runs
     # only if metrics changed. Never the data, backdoor or other cleaning stages.
     assert ran[0] == "clean@blended_stripes-par-0", exp.stdout
-    assert set(ran) <= {"clean@blended_stripes-par-0", "harden@fare-par-blended_stripes-s0", "report"}, exp.stdout
+    assert set(ran) <= {"clean@blended_stripes-par-0", "harden_matrix@fare-par-blended_stripes-0", "report"}, exp.stdout
     # The sweep collects the experiment beside the commit it branched from, each with its own metrics.
     model = "par-blended_stripes-s0"
     sweep = sh(f"clipshield sweep par.eps --model {model} --out sweeps", root)

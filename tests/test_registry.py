@@ -22,9 +22,11 @@ def test_names_labels_and_harden_lineage_by_hand():
     params["clean"]["methods"] = ["par"]
     params["seeds"] = [0, 1]
     params["harden"]["runs"] = {"fare2-par-badnet-s1": {"method": "fare", "start": "par-badnet-s1", "eps": 2}}
+    params["harden"]["matrix"] = {"methods": ["fare"], "starts": ["backdoor"]}
     models = final_models(params, "models")
     assert list(models) == ["clean", "backdoor-badnet-s0", "par-badnet-s0", "backdoor-badnet-s1", "par-badnet-s1",
-                            "fare2-par-badnet-s1"]
+                            "fare2-par-badnet-s1", "fare-backdoor-badnet-s0", "fare-backdoor-badnet-s1"]
+    assert models["fare-backdoor-badnet-s1"]["labels"] == ["attack:backdoor", "trigger:badnet", "seed:1", "defence:fare"]
     assert models["par-badnet-s1"]["labels"] == ["attack:backdoor", "trigger:badnet", "defence:par", "seed:1"]
     assert models["fare2-par-badnet-s1"]["labels"] == ["attack:backdoor", "trigger:badnet", "seed:1", "defence:par+fare"]
     assert "eps 2/255" in models["fare2-par-badnet-s1"]["desc"]

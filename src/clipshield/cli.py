@@ -102,18 +102,21 @@ def clean(trigger: Annotated[str, typer.Argument(help="trigger whose backdoored 
 
 
 @app.command(cls=RegistryHelp)
-def harden(run_name: Annotated[str, typer.Argument(metavar="RUN", help="a key of harden.runs in params.yaml")],
+def harden(run_name: Annotated[str, typer.Argument(metavar="RUN", help="a key of harden.runs in params.yaml, or "
+                                                    "<method>-<start>-<trigger>-s<seed> of harden.matrix")],
            params: ParamsFile = Path("params.yaml")):
-    """Adversarial fine-tuning of a run's start model (harden.runs.RUN) -> models/RUN, with robust metrics.
+    """Adversarial fine-tuning of a run's start model (harden.runs.RUN or harden.matrix) -> models/RUN, with robust
+    metrics.
 
-    Methods (harden.runs.RUN.method): {harden methods}."""
+    Methods (harden.runs.RUN.method, harden.matrix.methods): {harden methods}."""
     from .pipeline import harden as work
 
     def stage():
-        p = _section(P.HardenParams, "harden", params)
-        spec = p.runs.get(run_name) or {}
-        work(run_name, p, _section(P.RobustParams, "robust", params), _section(P.AttackParams, "attack", params),
-             _section(P.EvalParams, "eval", params), P.read_yaml(params).get(spec.get("method")) or {},
+        p, raw = _section(P.HardenParams, "harden", params), P.read_yaml(params)
+        runs = P.harden_runs(raw)
+        spec = runs.get(run_name) or {}
+        work(run_name, runs, p, _section(P.RobustParams, "robust", params), _section(P.AttackParams, "attack", params),
+             _section(P.EvalParams, "eval", params), raw.get(spec.get("method")) or {},
              MODELS / str(spec.get("start")), MODELS / "clean", p.data, DATA / "test", MODELS / run_name,
              METRICS / f"{run_name}.json")
     run(stage, params, distributed=True)

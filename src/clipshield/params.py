@@ -44,6 +44,27 @@ def _target_problems(target: str, classes) -> list[str]:
     return []
 
 
+def harden_runs(params: dict) -> dict[str, dict]:
+    """Every hardening run of a params file, name -> {method, start, eps?}: harden.runs as written, then for each
+    method x start x trigger (attack.triggers) x seed (seeds) of harden.matrix the run
+    <method>-<start>-<trigger>-s<seed> from models/<start>-<trigger>-s<seed> (dvc.yaml: harden, harden_matrix).
+    A run given twice is refused (ParamsError)."""
+    harden = params["harden"]
+    matrix, runs = harden.get("matrix") or {}, dict(harden.get("runs") or {})
+    for method in matrix.get("methods") or []:
+        for start in matrix.get("starts") or []:
+            for trigger in params["attack"]["triggers"]:
+                for seed in params["seeds"]:
+                    model = run_name(start, trigger, seed)
+                    name = f"{method}-{model}"
+                    if name in runs:
+                        raise ParamsError(f"`harden.runs.{name}` is also made by harden.matrix ({method} from "
+                                          f"{model}); remove it from harden.runs" if name in (harden.get("runs") or {})
+                                          else f"harden.matrix lists {method} or {start} twice; list each once")
+                    runs[name] = {"method": method, "start": model}
+    return runs
+
+
 class _Params(BaseModel):
     """The whole params.yaml: its sections and nothing else, then the rules across sections."""
     model_config = FORBID
@@ -101,6 +122,10 @@ class _Params(BaseModel):
         try:
             bad += _target_problems(a.target, load_classes(d.classes))
         except ValueError as e:  # data.classes names no class space
+            bad.append(str(e))
+        try:
+            harden_runs({"harden": vars(self.harden), "attack": vars(a), "seeds": self.seeds})
+        except ParamsError as e:
             bad.append(str(e))
         users = [f"{s}.data" for s in ("clean", "harden") if getattr(self, s).data.rstrip("/") == SYNTH_DIR]
         if users and self.synth.image_size != d.image_size and side in (None, d.image_size):

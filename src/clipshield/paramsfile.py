@@ -173,11 +173,15 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+WHOLE_KEYS = ("runs", "matrix")  # of harden: a profile gives them whole, never key by key
+
+
 def merge_profile(params: dict, override: dict) -> dict:
-    """`params` with profile `override` deep-merged in; a profile's harden runs are the whole list, not additions."""
+    """`params` with profile `override` deep-merged in; a profile's harden runs and harden matrix are whole, not
+    additions."""
     merged = deep_merge(params, override)
-    if "runs" in (override.get("harden") or {}):
-        merged["harden"]["runs"] = override["harden"]["runs"]
+    for key in [k for k in WHOLE_KEYS if k in (override.get("harden") or {})]:
+        merged["harden"][key] = override["harden"][key]
     return merged
 
 
@@ -202,8 +206,8 @@ def dump_keeping_comments(text: str, override: dict, merged: dict) -> str:
             else:
                 node[k] = v
     merge(doc, override)
-    if "runs" in (override.get("harden") or {}):
-        doc["harden"]["runs"] = override["harden"]["runs"]
+    for key in [k for k in WHOLE_KEYS if k in (override.get("harden") or {})]:
+        doc["harden"][key] = override["harden"][key]
     out = io.StringIO()
     rt.dump(doc, out)
     return out.getvalue()

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from .errors import RemoteError
-from .params import read_yaml, run_name
+from .params import harden_runs, read_yaml, run_name
 
 
 MARKER = "# Model registry: generated from params.yaml by `clipshield registry` (do not edit by hand)."
@@ -34,7 +34,7 @@ def final_models(params: dict, models: str) -> dict[str, dict]:
                     "path": f"{models}/{run_name(m, t, s)}", "type": "model",
                     "desc": f"{backdoor} cleaned with {m} on synthetic pairs",
                     "labels": ["attack:backdoor", f"trigger:{t}", f"defence:{m}", f"seed:{s}"]}
-    for run, spec in params["harden"]["runs"].items():
+    for run, spec in harden_runs(params).items():
         start = out.get(spec["start"], {"labels": []})
         trigger = [label for label in start["labels"] if label.startswith(("attack:", "trigger:", "seed:"))]
         before = [label.split(":", 1)[1] for label in start["labels"] if label.startswith("defence:")]

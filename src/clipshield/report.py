@@ -345,7 +345,8 @@ def write_plot_data(table: list[dict], out: Path) -> None:
 
 
 def pipeline_stages(triggers: list[str], methods: list[str], seeds: list[int], runs: dict) -> set[str]:
-    """The names of the stages of dvc.yaml for these params (the rows of the time table)."""
+    """The names of the stages of dvc.yaml for these params (the rows of the time table), as each records its time:
+    every run of `runs` (params.harden_runs) as harden@RUN, a run of stage harden_matrix too (stages/harden.py RUN)."""
     return ({"data", "pretrain", "baseline", "synth", "robust", "report"} | {f"poison@{t}" for t in triggers}
             | {f"backdoor@{t}-{s}" for t in triggers for s in seeds}
             | {f"clean@{t}-{m}-{s}" for t in triggers for m in methods for s in seeds} | {f"harden@{r}" for r in runs})

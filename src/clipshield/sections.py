@@ -34,6 +34,7 @@ CONFIG_DIR = Path(__file__).with_name("configs")  # clipshield's model configs (
 SYNTH_DIR, SYNTH_IMAGE_SIZE = "data/synth", {"procedural": 32, "diffusion": 256}
 HUB_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"  # a Hugging Face hub id: org/name
 PRETRAIN_STEPS = WHOLE + " (0 only with pretrained weights: evaluate them as they are)"
+AS_WRITTEN = AfterValidator(lambda m: m.model_dump(exclude_unset=True))  # a model's keys as written, a dict
 
 
 def _one_of(names, what: str) -> AfterValidator:
@@ -214,11 +215,17 @@ class HardenRun(BaseModel):
     eps: Number = Field(0, ge=0, le=255, description=f"{UNITS} [0, 255]")
 
 
+class HardenMatrix(BaseModel):  # a run per method x start x trigger x seed: params.harden_runs
+    model_config = FORBID
+    methods: list[Annotated[Str, _one_of(lambda: methods("harden"), "harden methods")]] = []
+    starts: list[Annotated[Str, _one_of(lambda: [*methods("clean"), "backdoor"], "starts")]] = []
+
+
 @dataclass(config=FORBID)
 class HardenParams(TrainParams):
     data: Str = "data/train"
-    runs: dict[Str, Annotated[HardenRun, AfterValidator(lambda r: r.model_dump(exclude_unset=True))]] = \
-        dataclasses.field(default_factory=dict)  # run name -> {method, start, eps?}, as written
+    runs: dict[Str, Annotated[HardenRun, AS_WRITTEN]] = dataclasses.field(default_factory=dict)  # {method, start, eps?}
+    matrix: Annotated[HardenMatrix, AS_WRITTEN] = dataclasses.field(default_factory=dict)  # {methods?, starts?}
 
 
 @dataclass(config=FORBID)

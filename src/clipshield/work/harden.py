@@ -9,15 +9,15 @@ from .common import data_hash, parent_model
 from .train import train_model
 
 
-def harden(run: str, p: HardenParams, rp: RobustParams, attack, ev: EvalParams, options: dict, start, reference,
-           data_dir, test_dir, out_model, metrics_file) -> dict:
-    """Run `harden.runs.<run>`: FARE/TeCoA fine-tuning (the method's params section `options`) of the model `start`
-    on the clean train shards -> `out_model` (<run>), evaluated for clean accuracy, ASR (where the start model had a
-    trigger), and robust accuracy and distortion against the clean model `reference`."""
+def harden(run: str, runs: dict, p: HardenParams, rp: RobustParams, attack, ev: EvalParams, options: dict, start,
+           reference, data_dir, test_dir, out_model, metrics_file) -> dict:
+    """Run `runs[run]` (params.harden_runs): FARE/TeCoA fine-tuning (the method's params section `options`) of the
+    model `start` on the clean train shards -> `out_model` (<run>), evaluated for clean accuracy, ASR (where the start
+    model had a trigger), and robust accuracy and distortion against the clean model `reference`."""
     from ..data.classes import read_classes
-    if run not in p.runs:
-        raise ValueError(f"unknown harden run {run!r}; harden.runs lists: {', '.join(p.runs) or 'none'}")
-    spec = p.runs[run]
+    if run not in runs:
+        raise ValueError(f"unknown harden run {run!r}; harden.runs and harden.matrix make: {', '.join(runs) or 'none'}")
+    spec = runs[run]
     method = spec["method"]
     options = objective_options(method, options) | ({"eps": spec["eps"]} if "eps" in spec else {})
     reference = load(reference)
@@ -30,5 +30,5 @@ def harden(run: str, p: HardenParams, rp: RobustParams, attack, ev: EvalParams, 
                        dict(stage="harden", parent=parent_model(start), attack=parent.get("attack"),
                             defence={**(parent.get("defence") or {}), "robust": {"method": method, "options": options}},
                             data={"train": data_hash(data_dir)},
-                            params={k: v for k, v in vars(p).items() if k != "runs"}),
+                            params={k: v for k, v in vars(p).items() if k not in ("runs", "matrix")}),
                        triggers, attack.target, extra=lambda clip, test: robust_metrics(clip, reference, test, rp))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..params import AttackParams, CleanParams, HardenParams, load_section, read_yaml
+from ..params import AttackParams, CleanParams, HardenParams, harden_runs, load_section, read_yaml
 from ..report import pipeline_stages, write_report
 
 
@@ -13,8 +13,9 @@ def report(params: str | Path, metrics_dir: str | Path, out: str | Path, log_dir
     `params` makes."""
     attack, harden = load_section(AttackParams, "attack", params), load_section(HardenParams, "harden", params)
     cleaning = load_section(CleanParams, "clean", params)
-    seeds = read_yaml(params).get("seeds") or [0]
+    raw = read_yaml(params)
+    seeds, runs = raw.get("seeds") or [0], harden_runs(raw)
     data = {m: cleaning.data for m in cleaning.methods} | {"fare": harden.data, "tecoa": harden.data}
-    return write_report(attack, Path(metrics_dir), Path(out), harden.runs, log_dir=Path(log_dir), data=data,
+    return write_report(attack, Path(metrics_dir), Path(out), runs, log_dir=Path(log_dir), data=data,
                         times_dir=Path(times_dir),
-                        stages=pipeline_stages(attack.triggers, cleaning.methods, seeds, harden.runs))
+                        stages=pipeline_stages(attack.triggers, cleaning.methods, seeds, runs))
