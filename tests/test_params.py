@@ -300,3 +300,18 @@ def test_sections_built_in_code_are_checked_and_keep_their_defaults():
     assert PoisonParams(0.2, 1).rate == 0.2 and LaunchParams().loader_threads == "auto"
     with pytest.raises(ValueError, match="less than or equal to 1"):
         PoisonParams(2.0, 1)
+
+
+def test_an_imported_test_set_smaller_than_eval_test_n_is_refused_where_it_is_loaded(tmp_path):
+    """Imported shards (data.source: shards, data.test_n: 0) have a size no params check can know: the evaluation
+    says so instead of scoring fewer samples than eval.test_n asks."""
+    from clipshield.data import shards
+    from clipshield.data.classes import classes_file, world_classes
+    from clipshield.params import EvalParams
+    from clipshield.pipeline import load_test, world_samples
+    shards.write_shards(world_samples("base", 1, 8, 32, "test"), tmp_path, prefix="test", per_shard=8,
+                        extra_files=classes_file(world_classes()))
+    assert len(load_test(EvalParams(test_n=8, retrieval_n=8), tmp_path)) == 8
+    with pytest.raises(shards.DataError, match=rf"eval.test_n = 20 but the test set {tmp_path} holds 8 samples; set "
+                                               r"eval.test_n: 8 \(or fewer\), or import a larger test set"):
+        load_test(EvalParams(test_n=20, retrieval_n=8), tmp_path)

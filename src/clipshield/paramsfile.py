@@ -95,7 +95,7 @@ def _walk(model, loc):
             fields = _fields(tp)
             info, tp = (fields[part], fields[part].annotation) if part in fields else (info, tp)
         elif typing.get_origin(tp) in (Union, types.UnionType):
-            continue
+            continue  # the tag of the union member that failed: no key
         elif typing.get_origin(tp) in (dict, list):
             tp = typing.get_args(tp)[-1]
         keys.append(part)

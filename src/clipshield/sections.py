@@ -72,13 +72,12 @@ class DataParams:
     @model_validator(mode="after")
     def _by_source(self):
         if self.source == "shards":
-            refuse(*[(k, getattr(self, k), "give the source shards: a folder of .tar files, a brace pattern "
-                      "(/data/cc3m/{00000..00331}.tar) or a glob") for k in ("train_shards", "test_shards")
-                     if not getattr(self, k)])
-            return self
-        bad = [(k, getattr(self, k), WHOLE) for k in ("train_n", "test_n") if getattr(self, k) < 1]
-        if self.classes != "world":
-            bad.append(("classes", self.classes, "the procedural world's classes are `world`"))
+            bad = [(k, getattr(self, k), "give the source shards: a folder of .tar files, a brace pattern "
+                    "(/data/cc3m/{00000..00331}.tar) or a glob") for k in ("train_shards", "test_shards")
+                   if not getattr(self, k)]
+        else:
+            bad = [(k, getattr(self, k), WHOLE) for k in ("train_n", "test_n") if getattr(self, k) < 1]
+            bad += [("classes", self.classes, "the procedural world's classes are `world`")] * (self.classes != "world")
         refuse(*bad)
         return self
 
@@ -282,23 +281,19 @@ class SynthParams:
         return self
 
 
-def _a_number(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PydanticCustomError("must", "must be a number")
-    return value
-
-
-Option = Annotated[Number, BeforeValidator(_a_number)]
-
-
 def _option(method: str, key: str):
     """Type and range of option `key` of a method's section, by its name (the harden methods': in 1/255 units)."""
+    def a_number(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PydanticCustomError("must", "must be a number")
+        return value
     rules = {"steps": dict(ge=1, description=WHOLE), "_p": dict(ge=0, le=1, description="a probability is in [0, 1]"),
              **dict.fromkeys(("eps", "noise_std", "weight"), dict(ge=0, description=NUMBER))}
     if method in methods("harden"):
         rules |= {"eps": dict(ge=0, le=255, description=f"{UNITS} [0, 255]"),
                   "step_size": dict(gt=0, le=255, description=f"{UNITS} (0, 255]")}
-    return (Int if key == "steps" else Option), Field(None, **rules.get("_p" if key.endswith("_p") else key, {}))
+    kind = Int if key == "steps" else Annotated[Number, BeforeValidator(a_number)]
+    return kind, Field(None, **rules.get("_p" if key.endswith("_p") else key, {}))
 
 
 OPTIONS = {m: create_model(m, __config__=FORBID, **{k: _option(m, k) for k in option_names(m)})
