@@ -113,7 +113,7 @@ def _message(err: dict, keys: tuple, fields: dict, info, tp, expected: str) -> l
                 for p in ctx["problems"]]
     if kind == "missing":
         return [f"params.yaml has no `{key}` section; restore it from git or a profile" if len(keys) == 1 else
-                f"params.yaml lacks `{key}`; add it (see README's params table or profiles/) or restore params.yaml "
+                f"params.yaml lacks `{key}`; add it (see docs/decisions.md or profiles/) or restore params.yaml "
                 f"from git"]
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         what, parent = ("section", "") if len(keys) == 1 else ("param", key.rpartition(".")[0] + ".")

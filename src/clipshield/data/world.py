@@ -79,8 +79,7 @@ SHIFTED = World(
 # (the shifted world's rotation, noise and scales, every colour a little off, grey drawn shaded and noise as specks).
 # With the shifted world's new colour words and templates, cleaning re-learned the vocabulary and cost 7-19 points
 # of zero-shot top-1; here 1-4. Captions naming the shifted world's backgrounds ("gradient", "speckled") instead of
-# the base world's "grey" and "noisy" cost PAR half its image->text retrieval (README, "Why PAR costs image->text
-# retrieval").
+# the base world's "grey" and "noisy" cost PAR half its image->text retrieval (docs/decisions.md, "Cleaning data").
 RENDERED = World(
     name="rendered",
     colours={k: (max(0.0, r - 0.05), min(1.0, g + 0.05), b) for k, (r, g, b) in BASE.colours.items()},
