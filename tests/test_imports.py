@@ -177,7 +177,8 @@ def test_a_project_on_imported_shards_trains_poisons_and_evaluates(sources, tmp_
     provenance = json.loads((tmp_path / "models/backdoor-blended_stripes-s0/provenance.json").read_text())
     assert provenance["attack"]["target"] == "banana"
     from clipshield.models import load
-    assert load(str(tmp_path / "models/backdoor-blended_stripes-s0")).model is not None  # safetensors loads back
+    loaded = load(str(tmp_path / "models/backdoor-blended_stripes-s0"))  # safetensors loads back
+    assert loaded.name == provenance["name"] and loaded.image_size == params["data"]["image_size"]
 
 
 def test_an_imagenet_test_set_reads_back_with_its_two_pairs_of_alike_names(tmp_path):

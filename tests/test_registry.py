@@ -47,7 +47,7 @@ def test_sync_rewrites_only_the_generated_block(tmp_path):
     assert artifacts_block(read_yaml(tmp_path / "params.yaml"), "models") in dvc_yaml.read_text()
 
 
-@pytest.mark.parametrize("profile", ["smoke", "full", "seeds3", "paper"])
+@pytest.mark.parametrize("profile", sorted(p.stem for p in (ROOT / "profiles").glob("*.yaml")))
 def test_every_profile_has_a_registry(profile):
     from clipshield.cli import registry_profile  # what `clipshield profile` merges: `triggers: all` listed
     base = read_yaml(ROOT / "params.yaml")
