@@ -405,3 +405,9 @@ def test_same_params_and_seed_give_identical_shards_and_metrics(tmp_path):
                                  retrieval_n=40)
         results.append((data_hash(folder / "train"), data_hash(folder / "test"), metrics))
     assert results[0] == results[1]
+
+
+def test_a_matrix_start_no_stage_makes_is_refused(params):
+    params["clean"]["methods"] = ["finetune"]  # the default matrix starts from par and backdoor models
+    assert validate(params) == ["`harden.matrix.starts` = ['par'] is not allowed; no stage makes those models: add par "
+                                "to clean.methods or remove them from harden.matrix.starts"]

@@ -72,7 +72,8 @@ def toy_project(tmp_path_factory):
     append(src / "objectives/__init__.py", "from .toy import ToyObjective  # noqa: E402\n"
                                           "register(Method('toy_method', ToyObjective, 'clean', marker='*'))\n")
     # Neither has a params section: `clipshield profile` writes an empty one (the defaults), as DVC needs it.
-    (root / "toy.yaml").write_text("attack: {triggers: [toy]}\nclean: {methods: [toy_method]}\nharden: {runs: {}}\n")
+    (root / "toy.yaml").write_text("attack: {triggers: [toy]}\nclean: {methods: [toy_method]}\n"
+                                  "harden: {runs: {}, matrix: {methods: [], starts: []}}\n")
     sh("git init -q && dvc init -q && dvc config core.analytics false", root)
     sh("clipshield profile smoke && clipshield profile toy.yaml", root)
     sh("git add -A && git commit -qm toy", root)

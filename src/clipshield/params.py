@@ -123,6 +123,10 @@ class _Params(BaseModel):
             bad += _target_problems(a.target, load_classes(d.classes))
         except ValueError as e:  # data.classes names no class space
             bad.append(str(e))
+        unmade = [s for s in (self.harden.matrix or {}).get("starts") or [] if s not in ("backdoor", *self.clean.methods)]
+        if unmade and (self.harden.matrix or {}).get("methods"):
+            bad.append(f"`harden.matrix.starts` = {unmade} is not allowed; no stage makes those models: add "
+                       f"{', '.join(unmade)} to clean.methods or remove them from harden.matrix.starts")
         try:
             harden_runs({"harden": vars(self.harden), "attack": vars(a), "seeds": self.seeds})
         except ParamsError as e:
