@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..objectives import methods
 from ..params import AttackParams, CleanParams, HardenParams, harden_runs, load_section, read_yaml
 from ..report import pipeline_stages, write_report
 
@@ -15,7 +16,7 @@ def report(params: str | Path, metrics_dir: str | Path, out: str | Path, log_dir
     cleaning = load_section(CleanParams, "clean", params)
     raw = read_yaml(params)
     seeds, runs = raw.get("seeds") or [0], harden_runs(raw)
-    data = {m: cleaning.data for m in cleaning.methods} | {"fare": harden.data, "tecoa": harden.data}
+    data = {m: cleaning.data for m in cleaning.methods} | {m: harden.data for m in methods("harden")}
     return write_report(attack, Path(metrics_dir), Path(out), runs, log_dir=Path(log_dir), data=data,
                         times_dir=Path(times_dir),
                         stages=pipeline_stages(attack.triggers, cleaning.methods, seeds, runs))
