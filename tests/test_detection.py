@@ -189,3 +189,17 @@ def test_the_filter_drops_the_highest_scores_and_counts_the_poisoned_left(poison
     left = [json.loads(line)["key"] for line in (root / "filtered" / "manifest.jsonl").read_text().splitlines()]
     assert set(left) == poisoned - top and counts["poisoned_left"] == len(left)
     assert counts["poisoned_dropped"] == len(poisoned & top) and counts["dropped"] == 15
+
+
+def test_a_poisoned_cluster_larger_than_k_hides_in_the_whole_set_but_not_in_small_batches():
+    # 30 near-identical points far from 970 clean ones: among all 999 others each has 29 twins closer than any
+    # clean point, so with k = 16 it looks dense; in random batches of 100 it has about 3, and its 16th neighbour
+    # is a clean point far away
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(970, 8, generator=g)
+    cluster = torch.tensor([6.0] + [0.0] * 7) + 0.05 * torch.randn(30, 8, generator=g)
+    x, poison = torch.cat([clean, cluster]), torch.cat([torch.zeros(970), torch.ones(30)]).bool()
+    whole, batched = score_in_batches(x, 16, batch_size=0), score_in_batches(x, 16, batch_size=100, seed=0)
+    assert auroc(whole["k_distance"], poison) == 0.0
+    assert auroc(batched["k_distance"], poison) == 1.0
+    assert auroc(batched["slof"], poison) > 0.95 and auroc(batched["dao"], poison) > 0.95
