@@ -203,3 +203,15 @@ def test_a_poisoned_cluster_larger_than_k_hides_in_the_whole_set_but_not_in_smal
     assert auroc(whole["k_distance"], poison) == 0.0
     assert auroc(batched["k_distance"], poison) == 1.0
     assert auroc(batched["slof"], poison) > 0.95 and auroc(batched["dao"], poison) > 0.95
+
+
+def test_the_report_says_how_many_poisoned_pairs_the_filter_left(tmp_path):
+    import json
+    from clipshield.report import filter_lines
+    (tmp_path / "filter-badnet.json").write_text(json.dumps(
+        {"pairs": 1000, "dropped": 20, "poisoned": 10, "poisoned_dropped": 7, "poisoned_left": 3, "score": "dao",
+         "filter_fraction": 0.02}))
+    assert filter_lines(tmp_path, ["badnet", "wanet"]) == [
+        "- badnet: the 20 of 1000 pairs with the highest dao dropped (detect.filter_fraction 0.02): 7 of the 10 "
+        "poisoned pairs among them, 3 left for the re-training (`filtered-badnet`)", ""]
+    assert filter_lines(tmp_path, ["wanet"]) == []
