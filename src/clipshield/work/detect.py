@@ -100,9 +100,9 @@ def detect(trigger: str, p, data_dir, backdoored, clean, metrics_file, out_dir) 
         raise shards.DataError(f"{data_dir}/manifest.jsonl lists {len(poisoned)} poisoned pairs, but "
                                f"{int(is_poison.sum())} of them are in its shards; re-create it (`dvc repro poison`)")
     metrics, scores = {}, {}
+    pool = f"random batches of {p.batch_size}" if 0 < p.batch_size < len(keys) else "the whole set"
     for name, x in feats.items():
-        console.print(f"detect: {name} model, k = {p.k}, neighbours from "
-                      f"{'the whole set' if not p.batch_size else f'batches of {p.batch_size}'}", highlight=False)
+        console.print(f"detect: {name} model, k = {p.k}, neighbours from {pool}", highlight=False)
         scores[name] = score_in_batches(x, p.k, p.batch_size, p.seed, names=tuple(SCORES))
         metrics[name] = detection_metrics(scores[name], is_poison)
     out = {"backdoored": Path(backdoored).name, "clean": Path(clean).name}
