@@ -116,6 +116,14 @@ def world_data(n: int = 120):
     return x, list(caps), torch.tensor([m["class"] for m in labels])
 
 
+def test_target_images_are_read_as_pixels_whether_uint8_or_float():
+    clip = models.create("smoke-rn", seed=0)
+    x, caps, _ = world_data(8)
+    as_uint8 = B.target_features(clip, x, caps, "cpu").positives
+    as_float = B.target_features(clip, x.float() / 255, caps, "cpu").positives
+    assert torch.allclose(as_uint8, as_float, atol=1e-5)
+
+
 def test_the_optimised_patch_lowers_its_own_loss():
     torch.manual_seed(0)
     clip = models.create("smoke-rn", seed=0)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..data.shards import as_float_images
 from ..objectives.augment import auto_augment
 from ..objectives.clip import MAX_LOGIT_SCALE, clip_loss
 from .triggers.badclip import paste_centre
@@ -58,8 +59,10 @@ class Targets:
 
 
 def features(clip, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Normalised image features of `images` (uint8 0..255 or float in [0, 1]), `batch` at a time."""
     with torch.no_grad():
-        return torch.cat([clip.encode_images(images[i:i + batch], normalize=True) for i in range(0, len(images), batch)])
+        return torch.cat([clip.encode_images(as_float_images(images[i:i + batch]), normalize=True)
+                          for i in range(0, len(images), batch)])
 
 
 def target_features(clip, positive_images: torch.Tensor, captions: list[str], device) -> Targets:
