@@ -215,3 +215,15 @@ def test_the_report_says_how_many_poisoned_pairs_the_filter_left(tmp_path):
         "- badnet: the 20 of 1000 pairs with the highest dao dropped (detect.filter_fraction 0.02): 7 of the 10 "
         "poisoned pairs among them, 3 left for the re-training (`filtered-badnet`)", ""]
     assert filter_lines(tmp_path, ["wanet"]) == []
+
+
+def test_only_an_attack_trigger_can_be_filtered():
+    from clipshield.params import validate
+    from clipshield.paramsfile import read_yaml
+    params = read_yaml("params.yaml")
+    params["attack"]["triggers"] = ["blended_stripes"]
+    params["detect"]["filter_triggers"] = ["blended_stripes"]
+    assert validate(params) == []
+    params["detect"]["filter_triggers"] = ["badnet"]
+    assert validate(params) == ["`detect.filter_triggers` = ['badnet'] is not allowed; only a trigger of "
+                                "attack.triggers has a poisoned set to filter: use some of ['blended_stripes'] (or [])"]

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from clipshield.evaluation import (attack_success_rate, class_embeddings_from_templates, recall_at_k,
+from clipshield.evaluation import (asr_per_target, attack_success_rate, class_embeddings_from_templates, recall_at_k,
                                    retrieval_asr, top1, zeroshot_logits)
 
 
@@ -39,6 +39,18 @@ def test_attack_success_rate_hand():
 def test_attack_success_rate_only_target_images():
     asr = attack_success_rate(torch.tensor([1, 1]), torch.tensor([1, 1]), target=1)
     assert math.isnan(asr["asr"]) and asr["asr_all"] == 1.0
+
+
+def test_asr_per_target_is_attack_success_rate_for_every_class():
+    pred = torch.tensor([2, 2, 0, 2, 1])
+    labels = torch.tensor([0, 2, 1, 3, 2])
+    per = asr_per_target(pred, labels, n_classes=5)
+    # class 0: images 1-4 are not 0, image 2 is called 0 -> 1/4; class 1: images 0, 1, 3, 4, image 4 -> 1/4;
+    # class 2: 2/3 (above); class 3: nothing is called 3 -> 0; class 4: no image of class 4, none called 4 -> 0/5
+    assert per.tolist() == pytest.approx([1 / 4, 1 / 4, 2 / 3, 0.0, 0.0])
+    for c in range(4):
+        assert per[c].item() == pytest.approx(attack_success_rate(pred, labels, target=c)["asr"])
+    assert math.isnan(asr_per_target(torch.tensor([1, 1]), torch.tensor([1, 1]), 2)[1].item())
 
 
 # Rows = images, columns = texts. Distinct values per row and column; the diagonal is the right pair.

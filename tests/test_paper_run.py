@@ -141,7 +141,7 @@ def test_every_stage_of_the_paper_profile_runs(paper):
     ran = set(re.findall(r"Running stage '([^']+)'", run.stdout))
     assert ran == {"data", "pretrain", "baseline", "poison@blended_stripes", "backdoor@blended_stripes-0", "synth",
                    "clean@blended_stripes-finetune-0", "clean@blended_stripes-par-0", "robust", "harden@fare-clean",
-                   "harden_matrix@fare-par-blended_stripes-0", "report"}, run.stdout
+                   "harden_matrix@fare-par-blended_stripes-0", "badclip", "detect@blended_stripes", "report"}, run.stdout
     for model in ("clean", "backdoor-blended_stripes-s0", "finetune-blended_stripes-s0", "par-blended_stripes-s0",
                   "fare-clean", "fare-par-blended_stripes-s0"):
         folder = root / "models" / model

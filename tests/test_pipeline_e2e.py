@@ -58,7 +58,7 @@ def test_repro_trains_and_evaluates_every_model(project):
     assert {"poison@blended_stripes", "backdoor@blended_stripes-0", "synth", "clean@blended_stripes-finetune-0",
             "clean@blended_stripes-cleanclip-0", "clean@blended_stripes-par-0", "harden@fare-clean",
             "harden@tecoa-clean", "harden_matrix@fare-par-blended_stripes-0",
-            "harden_matrix@fare-backdoor-blended_stripes-0",
+            "harden_matrix@fare-backdoor-blended_stripes-0", "badclip", "detect@blended_stripes",
             "report"} == set(stages) - {"data", "pretrain", "baseline", "robust"}
     assert "asr_blended_stripes" in json.loads((root / "metrics/baseline.json").read_text())
     clean = json.loads((root / "metrics/clean.json").read_text())

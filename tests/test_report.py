@@ -5,7 +5,7 @@ import math
 import pytest
 
 from clipshield.report import (aggregate, asr_during_training, asr_series, backdoor_verdict, collect, markdown_table,
-                               paper_table, pipeline_stages, state, time_table)
+                               paper_table, pipeline_stages, state, target_standing, time_table)
 
 
 @pytest.fixture
@@ -57,14 +57,17 @@ def test_time_table_in_pipeline_order_with_total(tmp_path):
     for stage, seconds in [("report", 5), ("clean@blended-par-0", 100), ("data", 30), ("pretrain", 200),
                            ("harden@fare-clean", 120), ("harden@tecoa-clean", 99)]:
         (tmp_path / f"{stage}.json").write_text(json.dumps({"stage": stage, "seconds": seconds}))
-    stages = pipeline_stages(["blended"], ["par"], [0], {"fare-clean": {}})
+    stages = pipeline_stages(["blended"], ["par"], [0], {"fare-clean": {}}, filtered=["blended"])
+    assert not {"filter@blended", "filtered@blended-0"} & pipeline_stages(["blended"], ["par"], [0], {})
     md, total, missing = time_table(tmp_path, stages)
     assert total == 455  # tecoa-clean is not a stage of this pipeline (an older run's record)
     # never ran here (restored from DVC's run cache): a dash, out of the total
-    assert missing == ["backdoor@blended-0", "baseline", "poison@blended", "robust", "synth"]
+    assert missing == ["backdoor@blended-0", "baseline", "detect@blended", "filter@blended", "filtered@blended-0",
+                       "poison@blended", "robust", "synth"]
     lines = md.splitlines()
     assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:]] == [
-        "data", "pretrain", "baseline", "poison@blended", "backdoor@blended-0", "synth", "clean@blended-par-0",
+        "data", "pretrain", "baseline", "poison@blended", "backdoor@blended-0", "detect@blended", "filter@blended",
+        "filtered@blended-0", "synth", "clean@blended-par-0",
         "robust", "harden@fare-clean", "report", "**total**"]
     assert "| baseline | – | – |" in lines
     assert lines[-1] == "| **total** | **455** | **7.6** |"
@@ -125,3 +128,11 @@ def test_a_registered_cleaning_method_gets_its_rows_in_registration_order(metric
     assert [r["model"] for r in rows] == ["clean", "backdoor-blended-s0", "finetune-blended-s0", "par-blended-s0",
                                           "par-blended-s1", "par-blended-s2", "toy-blended-s0"]
     assert rows[-1]["method"] == "toy"
+
+
+def test_target_standing_ranks_the_target_among_every_class():
+    per = {"square": 0.026, "heart": 0.020, "star": 0.09, "full": float("nan")}
+    line, = target_standing({"blended": per}, "square")
+    # three classes have a baseline (heart 2.0%, square 2.6%, star 9.0%): square is second lowest; nan is left out
+    assert "2.6%" in line and "rank 2 of 3" in line and "lowest `heart` 2.0%" in line and "highest `star` 9.0%" in line
+    assert target_standing({"blended": per}, "circle") == []

@@ -225,13 +225,21 @@ def test_blended_triangles_default_tile_at_224_is_14():
     assert not torch.equal(out[..., 7:], out[..., :-7])
 
 
+@pytest.fixture(scope="module")
+def patch_file(tmp_path_factory):
+    """A 4-px patch for badclip, the trigger that pastes what the badclip stage optimised (a file)."""
+    path = tmp_path_factory.mktemp("badclip") / "patch.pt"
+    torch.save(torch.rand((3, 4, 4), generator=torch.Generator().manual_seed(2)), path)
+    return str(path)
+
+
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("fill", ["rand", "zeros", "ones"])
-def test_outputs_in_unit_range_and_shape(name, fill):
+def test_outputs_in_unit_range_and_shape(name, fill, patch_file):
     g = torch.Generator().manual_seed(0)
     x = {"rand": torch.rand((3, 3, 16, 16), generator=g), "zeros": torch.zeros((3, 3, 16, 16)),
          "ones": torch.ones((3, 3, 16, 16))}[fill]
-    out = apply_trigger(name, x, [1, 2, 3], patch=4, alpha=0.5, tile=4)
+    out = apply_trigger(name, x, [1, 2, 3], patch=4, alpha=0.5, tile=4, file=patch_file)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert out.min() >= 0 and out.max() <= 1
     assert torch.equal(x, {"rand": torch.rand((3, 3, 16, 16), generator=torch.Generator().manual_seed(0)),
@@ -239,9 +247,9 @@ def test_outputs_in_unit_range_and_shape(name, fill):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_every_trigger_changes_a_textured_image(name):
+def test_every_trigger_changes_a_textured_image(name, patch_file):
     x = torch.rand((2, 3, 16, 16), generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1
-    out = apply_trigger(name, x, [1, 2], patch=4)
+    out = apply_trigger(name, x, [1, 2], patch=4, file=patch_file)
     assert not torch.equal(out, x)
 
 

@@ -263,9 +263,9 @@ def profile(name: Annotated[str, typer.Argument(help="smoke | full | paper | see
 
 def registry_profile(profile: dict, params: dict) -> dict:
     """`profile` with what the registries fill in: `attack: {triggers: all}` becomes the list of every registered
-    trigger but the variants (DVC's matrix needs a list), and every trigger and cleaning method the merged params
-    run gets an empty params section (its defaults) where it has none: the stages declare attack.options.<trigger>
-    and <method> as params, and DVC stops at a missing one."""
+    trigger but the variants (DVC's matrix needs a list), `detect: {filter_triggers: all}` the attack's triggers,
+    and every trigger and cleaning method the merged params run gets an empty params section (its defaults) where it
+    has none: the stages declare attack.options.<trigger> and <method> as params, and DVC stops at a missing one."""
     import copy
 
     from .attacks.triggers import TRIGGERS, all_triggers
@@ -274,6 +274,9 @@ def registry_profile(profile: dict, params: dict) -> dict:
     if isinstance(out.get("attack"), dict) and out["attack"].get("triggers") == "all":
         out["attack"]["triggers"] = all_triggers()
     merged = P.deep_merge(params, out)
+    if isinstance(out.get("detect"), dict) and out["detect"].get("filter_triggers") == "all":
+        out["detect"]["filter_triggers"] = list(merged["attack"]["triggers"])
+        merged = P.deep_merge(params, out)
     attack, clean = merged.get("attack") or {}, merged.get("clean") or {}
 
     def names(value) -> list[str]:

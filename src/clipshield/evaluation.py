@@ -41,6 +41,14 @@ def attack_success_rate(predictions: torch.Tensor, labels: torch.Tensor, target:
             "asr_all": hit.float().mean().item()}
 
 
+def asr_per_target(predictions: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """`asr` of `attack_success_rate` with every class in turn as the target: entry c is the fraction of triggered
+    images of other classes predicted c (nan for a class that every image belongs to)."""
+    hits = torch.zeros(n_classes).index_add_(0, predictions, (predictions != labels).float())
+    others = len(labels) - torch.bincount(labels, minlength=n_classes).float()
+    return torch.where(others > 0, hits / others.clamp(min=1), torch.tensor(float("nan")))
+
+
 def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, groups: torch.Tensor,
                 ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """Image->text and text->image R@k for paired features (row i of each is pair i).
@@ -143,6 +151,20 @@ def eval_batches(test, batch_size: int = EVAL_BATCH, limit: int | None = None):
 
 def eval_classes(test) -> ClassSpace:
     return (test.get("classes") if isinstance(test, dict) else test.classes) or world_classes()
+
+
+def asr_by_target(clip: Clip, test, trigger: str, options: dict | None = None) -> dict[str, float]:
+    """{class: ASR with that class as the target} for `trigger` on `test`: how often the model already calls
+    triggered images of other classes each class (for a clean model: the baseline of every possible target)."""
+    space = eval_classes(test)
+    classes = class_embeddings(clip, space)
+    predictions, labels = [], []
+    for batch in eval_batches(test):
+        trig = encode_images(clip, trigger_images(batch["images"], trigger, options, start=batch["start"]))
+        predictions.append(zeroshot_logits(trig, classes).argmax(dim=-1))
+        labels.append(batch["labels"])
+    per = asr_per_target(torch.cat(predictions), torch.cat(labels), len(space.names))
+    return {name: round(v, 4) for name, v in zip(space.names, per.tolist())}
 
 
 def _mean(count: int, n: int) -> float:

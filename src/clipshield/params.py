@@ -16,7 +16,8 @@ from .data.classes import load_classes
 from .paramsfile import (ParamsError, ParamsLoader, deep_merge, dump_keeping_comments, load_section,  # noqa: F401
                          merge_profile, parse, read_yaml, refuse, run_name, split_run_name, validated)
 from .sections import (FORBID, OPTIONS, SYNTH_DIR, SYNTH_IMAGE_SIZE, AttackParams, BackdoorParams,  # noqa: F401
-                       CleanParams, DataParams, EvalParams, HardenParams, Int, LaunchParams, PoisonParams,
+                       BadclipParams,
+                       CleanParams, DataParams, DetectParams, EvalParams, HardenParams, Int, LaunchParams, PoisonParams,
                        PretrainParams, RobustParams, SynthParams, TrainParams, clip_config)
 
 SEEDS = "list distinct whole numbers >= 0, e.g. [0] or [0, 1, 2]"
@@ -75,7 +76,9 @@ class _Params(BaseModel):
     pretrain: PretrainParams
     attack: AttackParams
     poison: PoisonParams
+    badclip: BadclipParams
     backdoor: BackdoorParams
+    detect: DetectParams
     clean: CleanParams
     harden: HardenParams
     robust: RobustParams
@@ -119,10 +122,16 @@ class _Params(BaseModel):
                        f"{d.test_n} (or fewer), or raise data.test_n to {self.eval.test_n}")
         for trigger, options in a.options.items():
             bad += option_problems(trigger, options, d.image_size)
+        if self.badclip.patch > d.image_size:
+            bad.append(f"`badclip.patch` = {self.badclip.patch} is not allowed; the patch is pasted on data.image_size "
+                       f"= {d.image_size} px images: use a side from 1 to {d.image_size}")
         try:
             bad += _target_problems(a.target, load_classes(d.classes))
         except ValueError as e:  # data.classes names no class space
             bad.append(str(e))
+        if stray := [t for t in self.detect.filter_triggers if t not in a.triggers]:
+            bad.append(f"`detect.filter_triggers` = {stray} is not allowed; only a trigger of attack.triggers has a "
+                       f"poisoned set to filter: use some of {a.triggers} (or [])")
         unmade = [s for s in (self.harden.matrix or {}).get("starts") or [] if s not in ("backdoor", *self.clean.methods)]
         if unmade and (self.harden.matrix or {}).get("methods"):
             bad.append(f"`harden.matrix.starts` = {unmade} is not allowed; no stage makes those models: add "

@@ -18,7 +18,7 @@ from .params import split_run_name  # noqa: E402
 from .ui import console  # noqa: E402
 
 # The rows that are no method of the registry (clean.methods and harden runs are): their plot markers.
-REFERENCE_MARKERS = {"clean": "*", "backdoor": "X"}
+REFERENCE_MARKERS = {"clean": "*", "backdoor": "X", "filtered": "h"}  # P, D, o, s, v: the methods'
 # t_{0.975, n-1} for the 95% confidence interval of a mean over n seeds (n = 2..10)
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 COLUMNS = ("zeroshot_top1", "asr", "asr_all", "retrieval_asr", "i2t_r5", "t2i_r5")
@@ -47,7 +47,7 @@ def collect(metrics_dir: Path, triggers: list[str], runs: dict | None = None) ->
                          "asr": m.get(f"asr_{t}"), "asr_all": m.get(f"asr_all_{t}"),
                          "retrieval_asr": m.get(f"retrieval_asr_{t}")})
     for t in triggers:
-        for method in ("backdoor", *methods("clean")):
+        for method in ("backdoor", "filtered", *methods("clean")):
             for f in sorted(metrics_dir.glob(f"{method}-{t}-s*.json")):
                 group, seed = split_run_name(f.stem)
                 if group == f"{method}-{t}":
@@ -159,8 +159,13 @@ def trigger_gallery(out: Path, attack, n: int = 4) -> Path:
     """Rows: clean test images, then each trigger (at the configured strengths) applied to them."""
     out.parent.mkdir(parents=True, exist_ok=True)
     imgs = torch.stack([torch.from_numpy(render(BASE, 1, i, 32)[0]).permute(2, 0, 1).float() / 255 for i in range(n)])
-    names = list(TRIGGERS)
-    rows = [imgs] + [trigger_images(imgs, t, attack.options.get(t, {})) for t in names]
+    names, rows = [], [imgs]
+    for t in TRIGGERS:
+        try:
+            rows.append(trigger_images(imgs, t, attack.options.get(t, {})))
+            names.append(t)
+        except FileNotFoundError as e:  # a trigger that a stage makes (badclip's patch) before the stage ran
+            console.print(f"note: {t} is not in the gallery: {e}")
     fig, axes = plt.subplots(len(rows), n, figsize=(1.4 * n, 1.4 * len(rows)))
     for r, (label, batch) in enumerate(zip(["clean"] + names, rows)):
         for c in range(n):
@@ -289,6 +294,54 @@ PAPER_ASR = {"badnet": (6.3, 14.5), "blended": (0.0, 19.5), "blended_stripes": (
              "blended_triangles": (10.3, 48.7), "badnet_stripes": (3.7, None)}
 
 
+def target_standing(by_target: dict[str, dict[str, float]], target: str) -> list[str]:
+    """Where the target stands among all classes by the clean model's baseline ASR (metrics/baseline-targets.json),
+    one line per trigger: the rule for the default target reads only this (docs/decisions.md#target-class)."""
+    lines = []
+    for trigger, per in by_target.items():
+        ranked = sorted((v, c) for c, v in per.items() if v == v)  # nan: a class that every test image belongs to
+        if target not in per or not ranked:
+            continue
+        rank = 1 + sum(v < per[target] for v, _ in ranked)
+        lines.append(f"- {trigger}: the clean model calls {100 * per[target]:.1f}% of triggered test images of "
+                     f"other classes `{target}`, rank {rank} of {len(ranked)} classes (lowest `{ranked[0][1]}` "
+                     f"{100 * ranked[0][0]:.1f}%, highest `{ranked[-1][1]}` {100 * ranked[-1][0]:.1f}%)")
+    return lines
+
+
+def detection_table(metrics_dir: Path, triggers: list[str]) -> str:
+    """AUROC of every detection score per trigger (metrics/detect-<trigger>.json), with the backdoored model's and
+    the clean model's image embeddings, beside 0.5 (a random ranking); "" when no trigger was scored."""
+    from .detection import SCORE_LABELS
+    found = {t: json.loads(f.read_text()) for t in triggers if (f := metrics_dir / f"detect-{t}.json").exists()}
+    if not found:
+        return ""
+    lines = ["| trigger | embeddings of | " + " | ".join(f"{label} AUROC" for label in SCORE_LABELS.values())
+             + " | random | poisoned / pairs |", "|---|---|" + "---|" * (len(SCORE_LABELS) + 2)]
+    for trigger, by_model in found.items():
+        for model in ("backdoored", "clean"):
+            scores = by_model.get(model, {})
+            aurocs = [scores.get(s, {}).get("auroc") for s in SCORE_LABELS]
+            cells = [f"{a:.3f}" if isinstance(a, float) else "–" for a in aurocs]
+            any_score = next(iter(scores.values()), {})
+            lines.append(f"| {trigger} | {model} model | " + " | ".join(cells)
+                         + f" | 0.5 | {any_score.get('n_poison', '–')} / {any_score.get('n', '–')} |")
+    return "\n".join(lines)
+
+
+def filter_lines(metrics_dir: Path, triggers: list[str]) -> list[str]:
+    """What the filtering defence dropped per trigger (metrics/filter-<trigger>.json), a line each and a blank one."""
+    lines = []
+    for t in triggers:
+        if (f := metrics_dir / f"filter-{t}.json").exists():
+            m = json.loads(f.read_text())
+            lines.append(f"- {t}: the {m['dropped']} of {m['pairs']} pairs with the highest {m['score']} dropped "
+                         f"(detect.filter_fraction {m['filter_fraction']:g}): {m['poisoned_dropped']} of the "
+                         f"{m['poisoned']} poisoned pairs among them, {m['poisoned_left']} left for the re-training "
+                         f"(`filtered-{t}`)")
+    return lines + [""] * bool(lines)
+
+
 def paper_table(table: list[dict]) -> str:
     """PAR against CleanCLIP per trigger, this run's ASR (%) beside the PAR paper's; "" if no trigger is in both."""
     asr = {(r["trigger"], r["method"]): r for r in table if isinstance(r.get("asr"), float)}
@@ -308,7 +361,8 @@ def paper_table(table: list[dict]) -> str:
                       *lines])
 
 
-STAGE_ORDER = ("data", "pretrain", "baseline", "poison", "backdoor", "synth", "clean", "robust", "harden", "report")
+STAGE_ORDER = ("data", "pretrain", "baseline", "poison", "backdoor", "detect", "filter", "filtered", "synth", "clean",
+               "robust", "harden", "report")
 
 
 def time_table(times_dir: Path, stages: set[str] | None = None) -> tuple[str, float, list[str]]:
@@ -344,11 +398,14 @@ def write_plot_data(table: list[dict], out: Path) -> None:
     (plots / "robust_vs_eps.json").write_text(json.dumps(robust, indent=1) + "\n")
 
 
-def pipeline_stages(triggers: list[str], methods: list[str], seeds: list[int], runs: dict) -> set[str]:
+def pipeline_stages(triggers: list[str], methods: list[str], seeds: list[int], runs: dict,
+                    filtered: list[str] = ()) -> set[str]:
     """The names of the stages of dvc.yaml for these params (the rows of the time table), as each records its time:
-    every run of `runs` (params.harden_runs) as harden@RUN, a run of stage harden_matrix too (stages/harden.py RUN)."""
+    every run of `runs` (params.harden_runs) as harden@RUN, a run of stage harden_matrix too (stages/harden.py RUN);
+    `filtered`: detect.filter_triggers."""
     return ({"data", "pretrain", "baseline", "synth", "robust", "report"} | {f"poison@{t}" for t in triggers}
-            | {f"backdoor@{t}-{s}" for t in triggers for s in seeds}
+            | {f"backdoor@{t}-{s}" for t in triggers for s in seeds} | {f"detect@{t}" for t in triggers}
+            | {f"filter@{t}" for t in filtered} | {f"filtered@{t}-{s}" for t in filtered for s in seeds}
             | {f"clean@{t}-{m}-{s}" for t in triggers for m in methods for s in seeds} | {f"harden@{r}" for r in runs})
 
 
@@ -384,6 +441,19 @@ def write_report(attack, metrics_dir: Path, out: Path, runs: dict | None = None,
             f"own ASR for that trigger, reduced up to {100 * REDUCED_PTS:.0f} points above it, backdoored beyond.", ""]
     text += [f"- **{r['model']}**: {r['state']}" + (f"; trained on `{r['data']}`" if r.get("data") else "")
              for r in table if r["method"] != "clean"] + [""]
+    targets_file = Path(metrics_dir) / "baseline-targets.json"
+    if targets_file.exists() and (standing := target_standing(json.loads(targets_file.read_text()), attack.target)):
+        text += ["## The target among all classes", "",
+                 "The clean model's baseline ASR with each class as the target; the default target is the class "
+                 "where it is lowest, a rule that reads nothing of a backdoor or a defence "
+                 "(docs/decisions.md#target-class).", ""] + standing + [""]
+    if detection := detection_table(Path(metrics_dir), attack.triggers):
+        text += ["## Detecting the poisoned training pairs", "",
+                 "Every pair of the poisoned training set scored by how far its image embedding lies from its k "
+                 "nearest neighbours' (k-distance, SLOF, DAO: docs/methods.md §9); AUROC of ranking the poisoned "
+                 "pairs first (1: all first, 0.5: random, '–': no poisoned or no clean pair). The clean model's "
+                 "embeddings are the control: what the trigger alone does to an embedding, without a backdoor.", "",
+                 detection, ""] + filter_lines(Path(metrics_dir), attack.triggers)
     if paper := paper_table(table):
         text += ["## Against the PAR paper", "",
                  "ASR (%) after cleaning, this run beside the paper's (RN50 cleaned on CC3M pairs, ImageNet; "

@@ -17,6 +17,7 @@ from pydantic_core import PydanticCustomError
 
 from .attacks.triggers import TRIGGERS
 from .data.world import WORLDS
+from .detection import SCORES
 from .objectives import list_objectives, methods, option_names
 from .paramsfile import refuse
 from .schedules import SCHEDULES
@@ -151,8 +152,35 @@ class PoisonParams:
 
 
 @dataclass(config=FORBID)
+class BadclipParams:
+    """The BadCLIP patch optimisation (stage badclip; docs/methods.md §2): Adam on a patch pasted in the middle."""
+    patch: Whole              # side in pixels (the reference: 16 at 224)
+    steps: Whole
+    batch_size: Whole
+    lr: Annotated[Float, Field(gt=0, description="use a learning rate > 0")]
+    images: Whole             # non-target training images the patch is pasted on
+    positives: Whole          # target training images (and their captions) it is pulled towards
+    aug_p: Fraction = 0.5     # share of batches AutoAugmented
+    weight: Float = Field(500.0, ge=0, description=NUMBER)  # of the image (triplet) term against the text term
+    margin: Float = Field(1.0, ge=0, description=NUMBER)    # of the triplet term
+    seed: Int = 0
+
+
+@dataclass(config=FORBID)
 class BackdoorParams(TrainParams):
     min_asr: Fraction = 0.9
+
+
+@dataclass(config=FORBID)
+class DetectParams:
+    """Backdoor-sample detection in the poisoned training set (stage detect) and the filtered re-training."""
+    k: Int = Field(16, ge=2, description="use a whole number >= 2 (the neighbours of each pair; the reference: 16)")
+    batch_size: Limit = 512   # neighbours drawn from random batches of this many pairs (0: the whole set)
+    seed: Int = 0             # the random batches
+    score: Annotated[Str, _one_of(lambda: SCORES, "scores")] = "dao"  # the score the filtering drops pairs by
+    filter_fraction: Fraction = 0.02  # share of the pairs with the highest `score` dropped before re-training
+    filter_triggers: list[Annotated[Str, _one_of(lambda: TRIGGERS, "triggers")]] = dataclasses.field(
+        default_factory=list)  # the triggers whose poisoned sets are filtered and trained on again (stage filtered)
 
 
 @dataclass(config=FORBID)

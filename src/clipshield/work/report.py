@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..objectives import methods
-from ..params import AttackParams, CleanParams, HardenParams, harden_runs, load_section, read_yaml
+from ..params import AttackParams, CleanParams, DetectParams, HardenParams, harden_runs, load_section, read_yaml
 from ..report import pipeline_stages, write_report
 
 
@@ -19,4 +19,5 @@ def report(params: str | Path, metrics_dir: str | Path, out: str | Path, log_dir
     data = {m: cleaning.data for m in cleaning.methods} | {m: harden.data for m in methods("harden")}
     return write_report(attack, Path(metrics_dir), Path(out), runs, log_dir=Path(log_dir), data=data,
                         times_dir=Path(times_dir),
-                        stages=pipeline_stages(attack.triggers, cleaning.methods, seeds, runs))
+                        stages=pipeline_stages(attack.triggers, cleaning.methods, seeds, runs,
+                                               load_section(DetectParams, "detect", params).filter_triggers))

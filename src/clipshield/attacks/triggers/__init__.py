@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from .badclip import BADCLIP, badclip
 from .base import Rule, Trigger
 from .blend import BLENDED, BLENDED_STRIPES, BLENDED_STRIPES_FIXED, BLENDED_TRIANGLES, blended, blended_stripes, \
     blended_triangles
@@ -22,9 +23,9 @@ from .draw import paste_patches, scaled, stripes, triangles
 from .patch import BADNET, BADNET_STRIPES, BADNET_STRIPES_FIXED, badnet, badnet_stripes
 from .warp import WANET, wanet, warp_field
 
-__all__ = ["TRIGGERS", "Rule", "Trigger", "all_triggers", "apply_trigger", "badnet", "badnet_stripes", "blended",
-           "blended_stripes", "blended_triangles", "get_trigger", "option_problems", "paste_patches", "register",
-           "scaled", "stripes", "triangles", "wanet", "warp_field"]
+__all__ = ["TRIGGERS", "Rule", "Trigger", "all_triggers", "apply_trigger", "badclip", "badnet", "badnet_stripes",
+           "blended", "blended_stripes", "blended_triangles", "get_trigger", "option_problems", "paste_patches",
+           "register", "scaled", "stripes", "triangles", "wanet", "warp_field"]
 
 TRIGGERS: dict[str, Trigger] = {}
 
@@ -87,3 +88,4 @@ register(BADNET_STRIPES_FIXED)
 register(BLENDED_STRIPES_FIXED)
 register(BLENDED_TRIANGLES)
 register(WANET)
+register(BADCLIP)
