@@ -62,11 +62,11 @@ def test_time_table_in_pipeline_order_with_total(tmp_path):
     md, total, missing = time_table(tmp_path, stages)
     assert total == 455  # tecoa-clean is not a stage of this pipeline (an older run's record)
     # never ran here (restored from DVC's run cache): a dash, out of the total
-    assert missing == ["backdoor@blended-0", "baseline", "detect@blended", "filter@blended", "filtered@blended-0",
+    assert missing == ["backdoor@blended-0", "badclip", "baseline", "detect@blended", "filter@blended", "filtered@blended-0",
                        "poison@blended", "robust", "synth"]
     lines = md.splitlines()
     assert [line.split(" | ")[0].lstrip("| ") for line in lines[2:]] == [
-        "data", "pretrain", "baseline", "poison@blended", "backdoor@blended-0", "detect@blended", "filter@blended",
+        "data", "pretrain", "badclip", "baseline", "poison@blended", "backdoor@blended-0", "detect@blended", "filter@blended",
         "filtered@blended-0", "synth", "clean@blended-par-0",
         "robust", "harden@fare-clean", "report", "**total**"]
     assert "| baseline | – | – |" in lines

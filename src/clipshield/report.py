@@ -361,8 +361,8 @@ def paper_table(table: list[dict]) -> str:
                       *lines])
 
 
-STAGE_ORDER = ("data", "pretrain", "baseline", "poison", "backdoor", "detect", "filter", "filtered", "synth", "clean",
-               "robust", "harden", "report")
+STAGE_ORDER = ("data", "pretrain", "badclip", "baseline", "poison", "backdoor", "detect", "filter", "filtered",
+               "synth", "clean", "robust", "harden", "report")
 
 
 def time_table(times_dir: Path, stages: set[str] | None = None) -> tuple[str, float, list[str]]:
@@ -403,7 +403,7 @@ def pipeline_stages(triggers: list[str], methods: list[str], seeds: list[int], r
     """The names of the stages of dvc.yaml for these params (the rows of the time table), as each records its time:
     every run of `runs` (params.harden_runs) as harden@RUN, a run of stage harden_matrix too (stages/harden.py RUN);
     `filtered`: detect.filter_triggers."""
-    return ({"data", "pretrain", "baseline", "synth", "robust", "report"} | {f"poison@{t}" for t in triggers}
+    return ({"data", "pretrain", "badclip", "baseline", "synth", "robust", "report"} | {f"poison@{t}" for t in triggers}
             | {f"backdoor@{t}-{s}" for t in triggers for s in seeds} | {f"detect@{t}" for t in triggers}
             | {f"filter@{t}" for t in filtered} | {f"filtered@{t}-{s}" for t in filtered for s in seeds}
             | {f"clean@{t}-{m}-{s}" for t in triggers for m in methods for s in seeds} | {f"harden@{r}" for r in runs})
