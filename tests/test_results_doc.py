@@ -70,7 +70,7 @@ EPYC = "AMD EPYC (2 cores, AVX-512)"
 
 
 def make_run(root: Path, report: Path = Path("reports"), metrics: Path = Path("metrics"), times: Path = Path("times"),
-             params: Path = Path("params.yaml"), cpu: dict | None = None) -> None:
+             params: Path = Path("reports/params.yaml"), cpu: dict | None = None) -> None:
     """A finished run: report.md and its figure, comparison.json, params, one metrics file, one record per stage
     (with `cpu`'s keys) and a record of a stage no longer in the pipeline (not in report.md's time table)."""
     for folder in (report, metrics, times):

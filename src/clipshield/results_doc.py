@@ -40,7 +40,9 @@ class Run:
 
 
 def default_run() -> Run:
-    return Run("Default run", Path("reports"), Path("metrics"), Path("times"), Path("params.yaml"), DEFAULT_MACHINE)
+    """The run whose outputs dvc.lock records: reports/ (with the params it ran with), metrics/, times/."""
+    return Run("Default run", Path("reports"), Path("metrics"), Path("times"), Path("reports/params.yaml"),
+               DEFAULT_MACHINE)
 
 
 def committed_runs(root: Path) -> list[Run]:

@@ -1,6 +1,7 @@
 """Stage `report`: reports/ from every model's metrics, the training logs and the stages' wall times."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from ..objectives import methods
@@ -17,6 +18,8 @@ def report(params: str | Path, metrics_dir: str | Path, out: str | Path, log_dir
     raw = read_yaml(params)
     seeds, runs = raw.get("seeds") or [0], harden_runs(raw)
     data = {m: cleaning.data for m in cleaning.methods} | {m: harden.data for m in methods("harden")}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(params, Path(out) / "params.yaml")  # the params these results come from, beside them
     return write_report(attack, Path(metrics_dir), Path(out), runs, log_dir=Path(log_dir), data=data,
                         times_dir=Path(times_dir),
                         stages=pipeline_stages(attack.triggers, cleaning.methods, seeds, runs,
