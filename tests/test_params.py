@@ -1,6 +1,7 @@
 import pytest
 import yaml
 
+from clipshield.work.train import decode_threads, warmup_steps
 from clipshield.params import (AttackParams, CleanParams, PretrainParams, ParamsError, TrainParams, apply_profile,
                                deep_merge, load_section, objective_options, parse, read_yaml)
 
@@ -167,7 +168,7 @@ def test_accumulation_must_split_every_batch():
 def test_warmup_is_a_fraction_of_the_steps_below_one_else_a_step_count(warmup, steps, expected):
     from clipshield.pipeline import train_config
     p = parse(TrainParams, {**OK, "steps": steps, "warmup": warmup}, "harden")
-    assert p.warmup_steps() == expected == train_config(p).warmup
+    assert warmup_steps(p) == expected == train_config(p).warmup
 
 
 @pytest.mark.parametrize("warmup, match", [(-0.1, "use a fraction of the steps"), (1.5, "use a fraction of the steps"),
@@ -190,7 +191,7 @@ def test_every_profile_warms_fare_up_over_seven_percent_of_its_steps():
             raw = deep_merge(raw, read_yaml(profile))
         p = parse(TrainParams, {k: v for k, v in raw["harden"].items() if k not in ("data", "runs", "matrix")}, "harden")
         assert p.warmup == 0.07, profile
-        assert p.warmup_steps() == round(0.07 * p.steps)
+        assert warmup_steps(p) == round(0.07 * p.steps)
 
 
 def test_the_paper_profile_names_every_trigger_option_at_224_px(tmp_path):
@@ -245,10 +246,10 @@ def test_loader_threads_auto_is_none_on_cpu_and_a_share_of_the_cores_on_gpu(monk
     for bad in (-1, "many", 2.5):
         assert any("train.loader_threads" in p for p in validate(deep_merge(base, {"train": {"loader_threads": bad}})))
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    assert LaunchParams().decode_threads(on_gpu=False) == 0
-    assert LaunchParams().decode_threads(on_gpu=True) == 8
-    assert LaunchParams(nproc=4).decode_threads(on_gpu=True) == 4
-    assert LaunchParams(loader_threads=2).decode_threads(on_gpu=False) == 2
+    assert decode_threads(LaunchParams(), on_gpu=False) == 0
+    assert decode_threads(LaunchParams(), on_gpu=True) == 8
+    assert decode_threads(LaunchParams(nproc=4), on_gpu=True) == 4
+    assert decode_threads(LaunchParams(loader_threads=2), on_gpu=False) == 2
 
 
 def test_a_misspelt_section_is_refused_naming_the_one_meant():

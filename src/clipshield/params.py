@@ -17,7 +17,8 @@ from .paramsfile import (ParamsError, ParamsLoader, deep_merge, dump_keeping_com
                          merge_profile, parse, read_yaml, refuse, run_name, split_run_name, validated)
 from .sections import (FORBID, OPTIONS, SYNTH_DIR, SYNTH_IMAGE_SIZE, AttackParams, BackdoorParams,  # noqa: F401
                        BadclipParams, CleanParams, DataParams, DetectParams, EvalParams, HardenParams, Int,
-                       LaunchParams, PoisonParams, PretrainParams, RobustParams, SynthParams, TrainParams, clip_config)
+                       LaunchParams, PoisonParams, PretrainParams, RobustParams, SynthParams, TrainParams)
+from .sources import clip_config
 
 SEEDS = "list distinct whole numbers >= 0, e.g. [0] or [0, 1, 2]"
 

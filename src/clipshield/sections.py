@@ -4,10 +4,7 @@ paramsfile words as one line. The methods' sections take what their objectives t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, create_model,
@@ -21,6 +18,7 @@ from .detection import SCORES
 from .objectives import list_objectives, methods, option_names
 from .paramsfile import refuse
 from .schedules import SCHEDULES
+from .sources import CONFIG_DIR, clip_config, diffusion_model_problem
 
 FORBID = ConfigDict(extra="forbid")  # at every level: an unknown key is refused, never ignored
 Int, Float = Annotated[int, Strict()], Annotated[float, Strict()]  # 2.5, "3" and true are no int; 3 is a float (3.0)
@@ -31,9 +29,7 @@ Whole = Annotated[Int, Field(ge=1, description=WHOLE)]
 Limit = Annotated[Int, Field(ge=0, description="use 0 (every sample) or a limit >= 1")]
 Fraction = Annotated[Float, Field(ge=0, le=1, description="use a fraction in [0, 1]")]
 World = Annotated[Literal[tuple(WORLDS)], Field(description=f"choose one of {sorted(WORLDS)}")]
-CONFIG_DIR = Path(__file__).with_name("configs")  # clipshield's model configs (models.register_configs)
 SYNTH_DIR, SYNTH_IMAGE_SIZE = "data/synth", {"procedural": 32, "diffusion": 256}
-HUB_ID = r"[A-Za-z0-9][\w.-]*/[\w.-]+"  # a Hugging Face hub id: org/name
 PRETRAIN_STEPS = WHOLE + " (0 only with pretrained weights: evaluate them as they are)"
 AS_WRITTEN = AfterValidator(lambda m: m.model_dump(exclude_unset=True))  # a model's keys as written, a dict
 
@@ -45,14 +41,6 @@ def _one_of(names, what: str) -> AfterValidator:
             raise ValueError(f"valid {what}: {', '.join(names())}")
         return name
     return AfterValidator(check)
-
-
-def clip_config(name: str) -> dict | None:
-    """Model config `name`: clipshield's (src/clipshield/configs) or open_clip's; None if neither has it."""
-    if (CONFIG_DIR / f"{name}.json").is_file():
-        return json.loads((CONFIG_DIR / f"{name}.json").read_text())
-    import open_clip  # slow to import: only for a name that is not clipshield's
-    return open_clip.get_model_config(name)
 
 
 @dataclass(config=FORBID)
@@ -104,10 +92,6 @@ class TrainParams:
         if w < 0 or (w >= 1 and not float(w).is_integer()):
             raise ValueError("use a fraction of the steps in [0, 1) (0.07: 7%) or a whole number of steps >= 1")
         return w
-
-    def warmup_steps(self) -> int:
-        """`warmup` in steps: round(warmup * steps) for a fraction (< 1), the number itself otherwise."""
-        return round(self.warmup * self.steps) if 0 < self.warmup < 1 else int(self.warmup)
 
 
 @dataclass(config=FORBID)
@@ -222,16 +206,6 @@ class LaunchParams:
                     f"first machine, reachable from every other (e.g. 10.0.0.1:29400)"))
         return self
 
-    @property
-    def world_size(self) -> int:
-        return self.nproc * self.nnodes
-
-    def decode_threads(self, on_gpu: bool) -> int:
-        """Threads that decode batches ahead of the model: on CPU none (the cores train the model); on a GPU
-        as many as this process's share of the CPU cores, at most 8."""
-        if self.loader_threads != "auto":
-            return int(self.loader_threads)
-        return min(8, max(1, (os.cpu_count() or 1) // self.nproc)) if on_gpu else 0
 
 
 class HardenRun(BaseModel):
@@ -293,17 +267,8 @@ class SynthParams:
             bad += [(k, side, f"Stable Diffusion needs a multiple of 8, e.g. {max(8, side // 8 * 8)} or "
                      f"{max(8, side // 8 * 8 + 8)} (paper: 512)")
                     for k, side in (("height", self.height), ("width", self.width)) if side < 8 or side % 8]
-            model = self.model.strip() if self.model else ""
-            path = Path(model).expanduser()
-            if not model:
-                bad.append(("model", self.model, "set it to a local diffusers pipeline folder (with model_index.json) "
-                            "or a hub id such as runwayml/stable-diffusion-v1-5"))
-            elif path.is_dir() and not (path / "model_index.json").is_file():
-                bad.append(("model", self.model, "it is a folder without model_index.json; point it at a diffusers "
-                            "pipeline folder (written by save_pretrained)"))
-            elif not path.is_dir() and not re.fullmatch(HUB_ID, model):
-                bad.append(("model", self.model, f"model folder {path} does not exist; create it "
-                            f"(pipeline.save_pretrained) or set synth.model to an existing folder or hub id"))
+            if problem := diffusion_model_problem(self.model):
+                bad.append(("model", self.model, problem))
         refuse(*bad)
         self.image_size = self.image_size or SYNTH_IMAGE_SIZE[self.generator]
         return self

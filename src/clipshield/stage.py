@@ -40,7 +40,7 @@ def launch_distributed(params: str | Path) -> None:
 
     from .params import load_launch
     launch = load_launch(params)
-    if launch.world_size <= 1 or "LOCAL_RANK" in os.environ:
+    if launch.nproc * launch.nnodes <= 1 or "LOCAL_RANK" in os.environ:
         return
     spec = getattr(sys.modules["__main__"], "__spec__", None)  # `python -m pkg.mod`: relaunch the module
     target = ["-m", spec.name, *sys.argv[1:]] if spec is not None and spec.name != "__main__" else sys.argv

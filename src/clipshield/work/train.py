@@ -3,6 +3,7 @@ an objective (a killed run resumes from its checkpoint), evaluate it, write the 
 from __future__ import annotations
 
 import dataclasses
+import os
 import hashlib
 import json
 from functools import lru_cache
@@ -15,14 +16,27 @@ from ..distributed import is_main
 from ..evaluation import evaluate_model, zeroshot_accuracy
 from ..livelog import LiveLog
 from ..models import Clip, frozen_copy, load, save
-from ..params import EvalParams, TrainParams
+from ..params import EvalParams, LaunchParams, TrainParams
 from ..training import Checkpoint, TrainConfig, train
 from ..ui import summary
 from .common import code_version, data_hash, device, load_test, write_metrics
 
 
+def warmup_steps(p: TrainParams) -> int:
+    """`warmup` in steps: round(warmup * steps) for a fraction (< 1), the number itself otherwise."""
+    return round(p.warmup * p.steps) if 0 < p.warmup < 1 else int(p.warmup)
+
+
+def decode_threads(launch: LaunchParams, on_gpu: bool) -> int:
+    """Threads that decode batches ahead of the model: on CPU none (the cores train the model); on a GPU as many as
+    this process's share of the CPU cores, at most 8."""
+    if launch.loader_threads != "auto":
+        return int(launch.loader_threads)
+    return min(8, max(1, (os.cpu_count() or 1) // launch.nproc)) if on_gpu else 0
+
+
 def train_config(p: TrainParams) -> TrainConfig:
-    return TrainConfig(steps=p.steps, lr=p.lr, warmup=p.warmup_steps(), schedule=p.schedule, weight_decay=p.weight_decay,
+    return TrainConfig(steps=p.steps, lr=p.lr, warmup=warmup_steps(p), schedule=p.schedule, weight_decay=p.weight_decay,
                        grad_clip=p.grad_clip, seed=p.seed, eval_every=p.eval_every)
 
 
@@ -87,7 +101,7 @@ def run_training(clip: Clip, objective, train_dir: str | Path, p: TrainParams, n
 
     def batches(start: int):
         return shards.iter_batches(train_dir, p.batch_size, shuffle=p.shuffle, seed=p.seed, start=start,
-                                   threads=launch.decode_threads(on_gpu), uint8=True)
+                                   threads=decode_threads(launch, on_gpu), uint8=True)
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(train_config(p), bf16=launch.precision == "bf16" or (launch.precision == "auto" and on_gpu),
                               compile=launch.compile == "on" or (launch.compile == "auto" and on_gpu),
