@@ -143,6 +143,34 @@ def test_exp_run_par_eps_reruns_only_par_stages_and_their_dependents(project):
     assert sweep.stdout.startswith("| experiment | par.eps |") and (root / "sweeps/par.eps.png").exists()
 
 
+def test_the_target_panel_runs_each_target_as_an_experiment_and_resumes(project):
+    root, _ = project
+    sh("git add -A && git commit -qm 'the panel starts from here'", root)
+    default = yaml.safe_load((root / "params.yaml").read_text())["attack"]["target"]
+    first = sh("clipshield targets run square", root)
+    ran = set(re.findall(r"Running stage '([^']+)'", first.stdout + first.stderr))
+    assert {"poison@blended_stripes", "backdoor@blended_stripes-0", "clean@blended_stripes-par-0"} <= ran, ran
+    assert all(s.split("@")[0] in {"badclip", "baseline", "poison", "backdoor", "clean"} for s in ran), ran
+    summary = json.loads((root / "results/targets/summary.json").read_text())
+    assert sorted(summary) == sorted([default, "square"])  # the workspace's own target, then the experiment
+    workspace = {m: json.loads((root / f"metrics/{m}-blended_stripes-s0.json").read_text()) for m in ("backdoor", "par")}
+    assert summary[default]["par"]["asr"] == workspace["par"]["asr"]
+    assert summary["square"]["experiment"] == "target-square"
+    try:  # the experiment's own files hold the panel's numbers for its target
+        sh("dvc exp apply target-square", root)
+        par = json.loads((root / "metrics/par-blended_stripes-s0.json").read_text())
+        assert summary["square"]["par"]["asr"] == par["asr"]
+        assert summary["square"]["par"]["zeroshot_top1"] == par["zeroshot_top1"]
+        assert yaml.safe_load((root / "params.yaml").read_text())["attack"]["target"] == "square"
+    finally:
+        sh("git checkout -q -- . && dvc checkout -q", root)
+    again = sh("clipshield targets run square", root)
+    assert "2 measured" in again.stdout and "0 to run" in again.stdout and "Running stage" not in again.stdout
+    assert "PAR leaves ≤ 5% on" in again.stdout
+    bad = sh("clipshield targets run sqaure", root, check=False)
+    assert bad.returncode == 1 and "not a class of the data set: sqaure" in bad.stderr + bad.stdout
+
+
 def test_a_changed_attack_does_not_rerun_pretraining(project):
     root, _ = project
     params = (root / "params.yaml").read_text()

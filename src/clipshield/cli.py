@@ -5,6 +5,7 @@ normal way to run them, in order and cached.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -190,6 +191,93 @@ def sweep(param: Annotated[str, typer.Argument(help="the swept parameter, e.g. p
         console.print(f"wrote {table}, {table.with_suffix('.json')} and {table.with_suffix('.png')}", highlight=False,
                       soft_wrap=True)
     run(work, params=None)
+
+
+targets_app = typer.Typer(no_args_is_help=True, help="The target panel: the attack and every cleaning method with "
+                          "each class as the target, one DVC experiment per target (docs/results.md#targets).")
+app.add_typer(targets_app, name="targets")
+TARGETS_OUT = Path("results/targets")
+
+
+def _panel(experiments: list[dict], params: Path, trigger: Optional[str]):
+    from .targets import per_target
+    p = P.read_yaml(params)
+    trigger = trigger or p["attack"]["triggers"][0]
+    if trigger not in p["attack"]["triggers"]:
+        raise ValueError(f"trigger {trigger!r} is not in attack.triggers ({', '.join(p['attack']['triggers'])})")
+    from .sweep import param_names
+    methods = p["clean"]["methods"]
+    return per_target(experiments, trigger, methods, tuple(param_names(p))), trigger, methods, p
+
+
+def _experiments(commits: int = 1) -> list[dict]:
+    import dvc.api
+    from dvc.exceptions import DvcException
+    try:
+        return dvc.api.exp_show(num=commits)
+    except DvcException as e:
+        raise ValueError(f"DVC could not list the experiments here: {e}. Run it in the project's folder") from e
+
+
+@targets_app.command("run")
+def targets_run(classes: Annotated[Optional[list[str]], typer.Argument(help="the targets (default: every class of "
+                                                                              "the data set)")] = None,
+                trigger: Annotated[Optional[str], typer.Option(help="the trigger (default: attack.triggers' first)")]
+                = None,
+                params: ParamsFile = Path("params.yaml")):
+    """Run one experiment per target not yet measured on this commit, then collect the panel.
+
+    Each is `dvc exp run --temp -n target-<class> -S attack.target=<class> baseline clean`, one after another; the
+    workspace's own target counts as measured once `dvc repro` has run. An interrupted panel resumes where it
+    stopped."""
+    import subprocess
+
+    from .data.classes import load_classes
+    from .results_doc import cpu_label
+    from .stage import machine
+    from .targets import PARAM, PREFIX, STAGES
+    from .ui import console
+
+    def work():
+        names = load_classes(P.read_yaml(params)["data"]["classes"]).names
+        if unknown := [c for c in classes or [] if c not in names]:
+            raise ValueError(f"not a class of the data set: {', '.join(unknown)}; choose from {', '.join(names)}")
+        done, trigger_, _, _ = _panel(_experiments(), params, trigger)
+        todo = [c for c in classes or names if c not in done]
+        console.print(f"targets: {len(done)} measured ({', '.join(done) or 'none'}), {len(todo)} to run", highlight=False)
+        TARGETS_OUT.mkdir(parents=True, exist_ok=True)
+        (TARGETS_OUT / "machine.json").write_text(json.dumps({"cpu": cpu_label(machine())}) + "\n")
+        for i, target in enumerate(todo, 1):
+            cmd = ["dvc", "exp", "run", "--temp", "-n", f"{PREFIX}{target}", "-S", f"{PARAM}={target}", *STAGES]
+            console.print(f"targets: [{i}/{len(todo)}] {' '.join(cmd)}", highlight=False)
+            if (rc := subprocess.run(cmd).returncode) != 0:
+                raise ValueError(f"the experiment of target {target} failed (exit {rc}; its log is above). Fix it and "
+                                 f"run `clipshield targets run` again: the finished targets are kept")
+        _collect(params, trigger_, 1, TARGETS_OUT)
+    run(work, params=params)
+
+
+def _collect(params: Path, trigger: Optional[str], commits: int, out: Path) -> None:
+    from .targets import write
+    from .ui import console
+    summary, trigger, methods, p = _panel(_experiments(commits), params, trigger)
+    md = write(summary, methods, trigger, out, default_target=p["attack"]["target"])
+    typer.echo(md.read_text(), nl=False)
+    console.print(f"wrote {out}/summary.json, panel.json, summary.md and residual_asr.png", highlight=False)
+
+
+@targets_app.command("collect")
+def targets_collect(trigger: Annotated[Optional[str], typer.Option(help="the trigger (default: attack.triggers' "
+                                                                        "first)")] = None,
+                    commits: Annotated[int, typer.Option(min=1, help="collect the experiments of the last N "
+                                                           "commits")] = 1,
+                    out: Annotated[Path, typer.Option(help="the panel's folder")] = TARGETS_OUT,
+                    params: ParamsFile = Path("params.yaml")):
+    """Collect the target experiments into results/targets/.
+
+    summary.json: {target: {model: {asr, zeroshot_top1, i2t_r5, t2i_r5, seeds}}}, the mean over seeds; panel.json:
+    median, min, max, mean and its 95% interval over targets; summary.md; residual_asr.png."""
+    run(lambda: _collect(params, trigger, commits, out), params=None)
 
 
 @app.command(cls=RegistryHelp)

@@ -231,16 +231,32 @@ def sweep_section(root: Path, md: Path) -> str:
                       md.read_text().strip(), ""])
 
 
+def targets_section(root: Path) -> list[str]:
+    """The target panel (`clipshield targets run`, results/targets/): its tables as written, the CPU, its files."""
+    folder = Path("results/targets")
+    if not (root / folder / "summary.md").is_file():
+        return []
+    cpu = hand_kept_cpu(root, folder / "machine.json", f"{folder}: the panel's CPU is not recorded")
+    files = [link(folder / f) for f in ("summary.json", "panel.json", "residual_asr.png") if (root / folder / f).is_file()]
+    return ["## Targets", "", "The attack and every cleaning method with each class of the world as the target, one "
+            "DVC experiment per target (`clipshield targets run`), every other parameter as in the commit they ran "
+            f"from. CPU: {cpu}. Files: {' · '.join(files)}.", "",
+            f"![residual ASR per target]({(Path('..') / folder / 'residual_asr.png').as_posix()})", "",
+            (root / folder / "summary.md").read_text().strip(), ""]
+
+
 def results_markdown(root: Path) -> str:
     """The text of docs/results.md for the repository at `root`."""
     runs = [default_run(), *committed_runs(root)]
     sweeps = sorted((root / "results" / "sweeps").rglob("*.md"), key=lambda p: (len(p.parts), p))  # folders last
+    targets = targets_section(root)
     out = [GENERATED, "", "# Results", "",
            "Every run the repository keeps: the parameters it used, its main table (its report.md's: the same "
            "numbers), the wall time of its stages and the CPU that ran them, its figures; then the parameter "
            "sweeps. A run's report.md has the rest: the state of every model and every stage's time.", "",
-           *(f"- [{r.title}](#{anchor(r)})" for r in runs), *(["- [Sweeps](#sweeps)"] if sweeps else []), ""]
-    out += [run_section(root, r) for r in runs]
+           *(f"- [{r.title}](#{anchor(r)})" for r in runs), *(["- [Targets](#targets)"] if targets else []),
+           *(["- [Sweeps](#sweeps)"] if sweeps else []), ""]
+    out += [run_section(root, r) for r in runs] + targets
     if sweeps:
         out += ["## Sweeps", "", "One parameter against the metrics of some models, collected by `clipshield sweep` "
                 "(`results/sweeps/<param>.md`, `.json`, `.png`).", ""]

@@ -53,14 +53,20 @@ def sweep_rows(experiments: list[dict], param: str, models: list[str], keys: tup
     another parameter of `others` too (a `-S attack.target=heart` run beside a par.eps sweep), only the group that
     agrees on all of them and spans the most values of `param` is kept (on a tie, the one with more queued or run
     experiments than commits): the others' models are not the sweep's."""
-    groups: dict[str, list[dict]] = {}
     revs = {str(e.get("rev")) for e in experiments if e.get("Experiment") is None}  # commits and the workspace
+
+    def reach(group: list[dict]) -> tuple[int, int, int]:
+        rows = rows_of(group, param, models, keys)
+        return len({r[param] for r in rows}), len(rows), sum(r["experiment"] not in revs for r in rows)
+    return rows_of(consistent_group(experiments, param, others, reach), param, models, keys)
+
+
+def consistent_group(experiments: list[dict], param: str, others: tuple[str, ...], key) -> list[dict]:
+    """Of the experiments grouped by their values of `others` (bar `param`), the group with the highest `key`."""
+    groups: dict[str, list[dict]] = {}
     for e in experiments:
         groups.setdefault(repr([e.get(f"params.yaml:{n}", e.get(n)) for n in others if n != param]), []).append(e)
-
-    def reach(rows: list[dict]) -> tuple[int, int, int]:
-        return len({r[param] for r in rows}), len(rows), sum(r["experiment"] not in revs for r in rows)
-    return max((rows_of(g, param, models, keys) for g in groups.values()), key=reach, default=[])
+    return max(groups.values(), key=key, default=[])
 
 
 def rows_of(experiments: list[dict], param: str, models: list[str], keys: tuple[str, ...]) -> list[dict]:
