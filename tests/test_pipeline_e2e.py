@@ -169,6 +169,13 @@ def test_the_target_panel_runs_each_target_as_an_experiment_and_resumes(project)
     assert "PAR leaves ≤ 5% on" in again.stdout
     bad = sh("clipshield targets run sqaure", root, check=False)
     assert bad.returncode == 1 and "not a class of the data set: sqaure" in bad.stderr + bad.stdout
+    params = (root / "params.yaml").read_text()
+    try:  # an experiment would leave an uncommitted change out of the commit's own target
+        (root / "params.yaml").write_text(params + "\n")
+        dirty = sh("clipshield targets run star", root, check=False)
+        assert dirty.returncode == 1 and "commit these first" in dirty.stderr + dirty.stdout
+    finally:
+        (root / "params.yaml").write_text(params)
 
 
 def test_a_changed_attack_does_not_rerun_pretraining(project):

@@ -6,6 +6,7 @@ normal way to run them, in order and cached.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -197,17 +198,19 @@ targets_app = typer.Typer(no_args_is_help=True, help="The target panel: the atta
                           "each class as the target, one DVC experiment per target (docs/results.md#targets).")
 app.add_typer(targets_app, name="targets")
 TARGETS_OUT = Path("results/targets")
+STAGES = ("baseline", "clean")  # what a target's experiment runs: the clean model's ASR, the backdoor, the cleaning
 
 
 def _panel(experiments: list[dict], params: Path, trigger: Optional[str]):
-    from .targets import per_target
-    p = P.read_yaml(params)
-    trigger = trigger or p["attack"]["triggers"][0]
-    if trigger not in p["attack"]["triggers"]:
-        raise ValueError(f"trigger {trigger!r} is not in attack.triggers ({', '.join(p['attack']['triggers'])})")
+    """The target panel of `experiments` ({target: row}), its trigger, the cleaning methods and the params file."""
     from .sweep import param_names
-    methods = p["clean"]["methods"]
-    return per_target(experiments, trigger, methods, tuple(param_names(p))), trigger, methods, p
+    from .targets import per_target
+    triggers = _section(P.AttackParams, "attack", params).triggers
+    trigger = trigger or triggers[0]
+    if trigger not in triggers:
+        raise ValueError(f"trigger {trigger!r} is not in attack.triggers ({', '.join(triggers)})")
+    methods, raw = _section(P.CleanParams, "clean", params).methods, P.read_yaml(params)
+    return per_target(experiments, trigger, methods, tuple(param_names(raw))), trigger, methods, raw
 
 
 def _experiments(commits: int = 1) -> list[dict]:
@@ -219,6 +222,21 @@ def _experiments(commits: int = 1) -> list[dict]:
         raise ValueError(f"DVC could not list the experiments here: {e}. Run it in the project's folder") from e
 
 
+def _committed_and_reproduced() -> None:
+    """A target's experiment starts from the last commit, with the tracked files' changes but without untracked
+    files, and the commit's own target is read from the commit: both must be what `dvc repro` made."""
+    import subprocess
+    changed = subprocess.run(["git", "status", "--porcelain", "--", "src", "stages", "dvc.yaml", "dvc.lock",
+                              "params.yaml", "metrics"], capture_output=True, text=True).stdout.strip()
+    if changed:
+        raise ValueError(f"commit these first (the panel reads its own target from the commit, and an experiment "
+                         f"leaves out untracked files): {' '.join(line[3:] for line in changed.splitlines())}")
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", *STAGES], capture_output=True, text=True)
+    if status.returncode or "up to date" not in status.stdout:
+        raise ValueError("the commit's own target is not reproduced (`dvc status` lists changes): run `dvc repro`, "
+                         "commit, and run again")
+
+
 @targets_app.command("run")
 def targets_run(classes: Annotated[Optional[list[str]], typer.Argument(help="the targets (default: every class of "
                                                                               "the data set)")] = None,
@@ -227,32 +245,39 @@ def targets_run(classes: Annotated[Optional[list[str]], typer.Argument(help="the
                 params: ParamsFile = Path("params.yaml")):
     """Run one experiment per target not yet measured on this commit, then collect the panel.
 
-    Each is `dvc exp run --temp -n target-<class> -S attack.target=<class> baseline clean`, one after another; the
-    workspace's own target counts as measured once `dvc repro` has run. An interrupted panel resumes where it
-    stopped."""
+    Each is `dvc exp run --temp -n target-<class> -S attack.target=<class> baseline clean`, one after another, from
+    the last commit, which must be reproduced (`dvc repro`, then commit): its own target counts as measured. An
+    interrupted panel resumes where it stopped."""
     import subprocess
 
     from .data.classes import load_classes
     from .results_doc import cpu_label
     from .stage import machine
-    from .targets import PARAM, PREFIX, STAGES
+    from .targets import PARAM, PREFIX
     from .ui import console
 
     def work():
-        names = load_classes(P.read_yaml(params)["data"]["classes"]).names
+        names = load_classes(_section(P.DataParams, "data", params).classes).names
         if unknown := [c for c in classes or [] if c not in names]:
             raise ValueError(f"not a class of the data set: {', '.join(unknown)}; choose from {', '.join(names)}")
-        done, trigger_, _, _ = _panel(_experiments(), params, trigger)
+        _committed_and_reproduced()
+        experiments = _experiments()
+        done, trigger_, _, _ = _panel(experiments, params, trigger)
         todo = [c for c in classes or names if c not in done]
+        if clash := [c for c in todo if f"{PREFIX}{c}" in {e.get("Experiment") for e in experiments}]:
+            raise ValueError(f"experiment {PREFIX}{clash[0]} exists on this commit without the panel's metrics (run "
+                             f"with other params, or a metric failed): remove it (`dvc exp remove {PREFIX}{clash[0]}`) "
+                             f"and run again")
         console.print(f"targets: {len(done)} measured ({', '.join(done) or 'none'}), {len(todo)} to run", highlight=False)
-        TARGETS_OUT.mkdir(parents=True, exist_ok=True)
-        (TARGETS_OUT / "machine.json").write_text(json.dumps({"cpu": cpu_label(machine())}) + "\n")
         for i, target in enumerate(todo, 1):
-            cmd = ["dvc", "exp", "run", "--temp", "-n", f"{PREFIX}{target}", "-S", f"{PARAM}={target}", *STAGES]
-            console.print(f"targets: [{i}/{len(todo)}] {' '.join(cmd)}", highlight=False)
+            cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", f"{PREFIX}{target}", "-S",
+                   f"{PARAM}={target}", *STAGES]
+            console.print(f"targets: [{i}/{len(todo)}] dvc {' '.join(cmd[3:])}", highlight=False)
             if (rc := subprocess.run(cmd).returncode) != 0:
                 raise ValueError(f"the experiment of target {target} failed (exit {rc}; its log is above). Fix it and "
                                  f"run `clipshield targets run` again: the finished targets are kept")
+            TARGETS_OUT.mkdir(parents=True, exist_ok=True)
+            (TARGETS_OUT / "machine.json").write_text(json.dumps({"cpu": cpu_label(machine())}) + "\n")
         _collect(params, trigger_, 1, TARGETS_OUT)
     run(work, params=params)
 

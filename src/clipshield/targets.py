@@ -18,7 +18,6 @@ from .sweep import cell, consistent_group
 
 PARAM = "attack.target"
 KEYS = ("asr", "zeroshot_top1", "i2t_r5", "t2i_r5")
-STAGES = ("baseline", "clean")  # what a target's experiment runs: the clean model's ASR, then backdoor and cleaning
 PREFIX = "target-"              # experiment names: target-<class>
 LABELS = {"clean": "clean", "backdoor": "backdoored", "finetune": "fine-tuned", "cleanclip": "CleanCLIP", "par": "PAR"}
 
@@ -41,12 +40,13 @@ def model_means(e: dict, method: str, trigger: str) -> dict[str, float] | None:
 
 
 def experiment_row(e: dict, trigger: str, methods: list[str]) -> dict | None:
-    """{"clean": {...}, "backdoor": {...}, method: {...}} of one finished experiment; None if any is missing. The
-    clean model's ASR is its baseline under the trigger (the target's share of triggered non-target images)."""
-    if e.get("State") in ("Queued", "Running", "Failed") or value(e) is None:
+    """{"clean": {...}, "backdoor": {...}, method: {...}} of one finished experiment or commit; None if any is
+    missing, and for the workspace (its metrics may be older than its params). The clean model's ASR is its
+    baseline under the trigger (the target's share of triggered non-target images)."""
+    if e.get("State") in ("Queued", "Running", "Failed") or value(e) is None or e.get("rev") == "workspace":
         return None
     clean = {k: cell(e, f"metrics/clean.json:{k}") for k in KEYS if k != "asr"}
-    clean["asr"] = cell(e, f"metrics/baseline.json:asr_{trigger}")
+    clean["asr"] = cell(e, f"metrics/baseline.json:asr_{trigger}", f"asr_{trigger}")  # a key of one file: no path
     row = {"clean": clean} if None not in clean.values() else None
     for method in ("backdoor", *methods):
         if row is None or (means := model_means(e, method, trigger)) is None:
@@ -58,11 +58,11 @@ def experiment_row(e: dict, trigger: str, methods: list[str]) -> dict | None:
 def per_target(experiments: list[dict], trigger: str, methods: list[str],
                others: tuple[str, ...] = ()) -> dict[str, dict]:
     """{target: row} over the experiments that agree on every parameter of `others` but the target (one group, as a
-    sweep's), sorted by target; a target measured twice keeps its named experiment (the workspace last)."""
+    sweep's), sorted by target; a target measured twice keeps its first row (the commit before its experiments)."""
     group = consistent_group(experiments, PARAM, others, key=lambda rows: len({value(e) for e in rows
                                                                                 if experiment_row(e, trigger, methods)}))
     out: dict[str, dict] = {}
-    for e in sorted(group, key=lambda e: e.get("rev") == "workspace"):
+    for e in group:
         if (row := experiment_row(e, trigger, methods)) is not None and value(e) not in out:
             out[value(e)] = row | {"experiment": str(e.get("Experiment") or e.get("rev"))}
     return dict(sorted(out.items()))
