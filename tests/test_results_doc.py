@@ -191,6 +191,22 @@ def test_profile_runs_and_sweeps_get_their_sections(tmp_path):
         R.results_markdown(tmp_path)
 
 
+def test_the_target_panel_gets_its_section_with_its_cpu_and_files(tmp_path):
+    assert R.targets_section(tmp_path) == []  # no panel run: no section
+    folder = tmp_path / "results/targets"
+    folder.mkdir(parents=True)
+    (folder / "summary.md").write_text("| target | PAR ASR % |\n|---|---|\n| circle | 30.8 |\n")
+    (folder / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match="results/targets: the panel's CPU is not recorded: write "
+                                         "results/targets/machine.json"):
+        R.targets_section(tmp_path)
+    machine_json(folder / "machine.json")
+    text = "\n".join(R.targets_section(tmp_path))
+    assert text.startswith("## Targets") and "| circle | 30.8 |" in text
+    assert "[machine.json](../results/targets/machine.json)" in text
+    assert "[results/targets/summary.json](../results/targets/summary.json)" in text and "panel.json" not in text
+
+
 def test_headline_table_has_one_row_per_model_of_the_first_trigger():
     lines = R.headline_table(COMPARISON, "blended").splitlines()
     assert lines[0] == "| model | run | ASR | zero-shot top-1 | i2t R@5 | robust top-1 (4/255) |"

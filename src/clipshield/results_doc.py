@@ -236,11 +236,13 @@ def targets_section(root: Path) -> list[str]:
     folder = Path("results/targets")
     if not (root / folder / "summary.md").is_file():
         return []
-    cpu = hand_kept_cpu(root, folder / "machine.json", f"{folder}: the panel's CPU is not recorded")
-    files = [link(folder / f) for f in ("summary.json", "panel.json", "residual_asr.png") if (root / folder / f).is_file()]
+    machine = folder / "machine.json"
+    cpu = hand_kept_cpu(root, machine, f"{folder}: the panel's CPU is not recorded")
+    files = [link(folder / f) for f in ("summary.md", "summary.json", "panel.json", "residual_asr.png")
+             if (root / folder / f).is_file()]
     return ["## Targets", "", "The attack and every cleaning method with each class of the world as the target, one "
             "DVC experiment per target (`clipshield targets run`), every other parameter as in the commit they ran "
-            f"from. CPU: {cpu}. Files: {' · '.join(files)}.", "",
+            f"from. CPU: {cpu} ({link(machine, machine.name)}). Files: {' · '.join(files)}.", "",
             f"![residual ASR per target]({(Path('..') / folder / 'residual_asr.png').as_posix()})", "",
             (root / folder / "summary.md").read_text().strip(), ""]
 
