@@ -1,5 +1,5 @@
 """The target panel: the attack and every cleaning method once per class of the data set as the attack's target,
-each target a DVC experiment (`clipshield targets run`), collected into results/targets/ (`clipshield targets`).
+each target a DVC experiment (`clipshield targets run`), collected into results/targets/ (`clipshield targets collect`).
 
 A target is a condition of the whole experiment, as par.eps is, so each is `dvc exp run -S attack.target=T`: the
 model names stay those of the default run, `dvc exp show` lists every target beside the commit, and DVC's cache
@@ -14,12 +14,12 @@ import re
 from pathlib import Path
 
 from .report import T975, save_figure
+from .results_doc import LABELS
 from .sweep import cell, consistent_group
 
 PARAM = "attack.target"
 KEYS = ("asr", "zeroshot_top1", "i2t_r5", "t2i_r5")
 PREFIX = "target-"              # experiment names: target-<class>
-LABELS = {"clean": "clean", "backdoor": "backdoored", "finetune": "fine-tuned", "cleanclip": "CleanCLIP", "par": "PAR"}
 
 
 def value(e: dict) -> str | None:
