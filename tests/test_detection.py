@@ -227,3 +227,59 @@ def test_only_an_attack_trigger_can_be_filtered():
     params["detect"]["filter_triggers"] = ["badnet"]
     assert validate(params) == ["`detect.filter_triggers` = ['badnet'] is not allowed; only a trigger of "
                                 "attack.triggers has a poisoned set to filter: use some of ['blended_stripes'] (or [])"]
+
+
+def _detection_run(root):
+    """A run's metrics and times: badnet scored and filtered (seed 0), wanet scored only."""
+    import json
+    m = {"n": 1000, "n_poison": 10}
+    metrics, times = root / "metrics", root / "times"
+    metrics.mkdir()
+    times.mkdir()
+    for t, auroc in (("badnet", 0.9), ("wanet", 0.25)):
+        (metrics / f"detect-{t}.json").write_text(json.dumps({model: {s: {**m, "auroc": auroc if model == "backdoored"
+                                                                          else 0.5} for s in ("k_distance", "dao")}
+                                                              for model in ("backdoored", "clean")}))
+        (metrics / f"backdoor-{t}-s0.json").write_text(json.dumps({"asr": 0.99, "zeroshot_top1": 0.98, "i2t_r5": 0.9}))
+        (times / f"detect@{t}.json").write_text(json.dumps({"stage": f"detect@{t}", "seconds": 50.0, "cpu": "AMD EPYC",
+                                                            "cores": 2, "avx512": False}))
+    (metrics / "filter-badnet.json").write_text(json.dumps(
+        {"pairs": 1000, "dropped": 20, "poisoned": 10, "poisoned_dropped": 7, "poisoned_left": 3, "score": "dao",
+         "filter_fraction": 0.02}))
+    (metrics / "filtered-badnet-s0.json").write_text(json.dumps({"asr": 0.125, "zeroshot_top1": 0.96}))
+    (metrics / "par-badnet-s0.json").write_text("{}")  # not a detection result: not copied
+    (root / "params.yaml").write_text("attack: {target: circle}\n")
+    return metrics, times
+
+
+def test_the_detection_results_of_a_run_are_kept_with_the_filtered_backdoor_beside_the_full_one(tmp_path):
+    import json
+    from clipshield.detection_results import write
+    metrics, times = _detection_run(tmp_path)
+    out = tmp_path / "results/detection"
+    md = write(metrics, times, tmp_path / "params.yaml", ["badnet", "blended", "wanet"], [0, 1], out).read_text()
+    assert "| badnet | backdoored model | 0.900 | – | 0.900 | 0.5 | 10 / 1000 |" in md
+    assert "| wanet | backdoored model | 0.250 | – | 0.250 | 0.5 | 10 / 1000 |" in md and "| blended |" not in md
+    assert "| badnet | 0 | dao | 3 of 10 | 0.990 / 0.980 | 0.125 / 0.960 |" in md
+    assert "| wanet | 0 |" not in md  # scored, never filtered
+    found = json.loads((out / "summary.json").read_text())
+    assert found["badnet"]["aurocs"]["backdoored"] == {"k_distance": 0.9, "dao": 0.9}
+    assert found["badnet"]["filtered"] == {"0": {"asr": 0.125, "zeroshot_top1": 0.96}}
+    assert found["wanet"]["filter"] is None and found["wanet"]["filtered"] == {}
+    assert sorted(f.name for f in (out / "metrics").iterdir()) == [
+        "backdoor-badnet-s0.json", "backdoor-wanet-s0.json", "detect-badnet.json", "detect-wanet.json",
+        "filter-badnet.json", "filtered-badnet-s0.json"]
+    assert json.loads((out / "machine.json").read_text()) == {"cpu": "AMD EPYC (2 cores, no AVX-512)"}
+    assert (out / "params.yaml").read_text() == "attack: {target: circle}\n"
+
+
+def test_detection_results_need_scores_and_one_machine(tmp_path):
+    import json
+    from clipshield.detection_results import write
+    metrics, times = _detection_run(tmp_path)
+    with pytest.raises(ValueError, match="holds no detect-<trigger>.json for blended: run the detect stages"):
+        write(metrics, times, tmp_path / "params.yaml", ["blended"], [0], tmp_path / "out")
+    (times / "detect@wanet.json").write_text(json.dumps({"stage": "detect@wanet", "seconds": 9.0, "cpu": "Intel Xeon",
+                                                         "cores": 2, "avx512": True}))
+    with pytest.raises(ValueError, match="name 2 CPUs"):
+        write(metrics, times, tmp_path / "params.yaml", ["badnet", "wanet"], [0], tmp_path / "out")

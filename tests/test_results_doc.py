@@ -258,3 +258,17 @@ def test_clipshield_docs_writes_both_and_check_fails_when_either_would_change(tm
     result = runner.invoke(app, ["docs", "--check"])
     assert result.exit_code == 1 and "docs/results.md would change" in result.stderr
     assert Path(R.RESULTS_MD).read_text() == "edited by hand\n"  # --check writes nothing
+
+
+def test_the_detection_results_get_their_section_with_the_runs_setting_and_cpu(tmp_path):
+    assert R.detection_section(tmp_path) == []  # nothing kept: no section
+    folder = tmp_path / "results/detection"
+    folder.mkdir(parents=True)
+    (folder / "summary.md").write_text("| trigger | embeddings of | k-distance AUROC |\n|---|---|---|\n| wanet | clean | 0.3 |\n")
+    (folder / "params.yaml").write_text("attack: {target: circle}\npoison: {rate: 0.01}\ndetect: {k: 16, batch_size: 512}\n")
+    with pytest.raises(ValueError, match="results/detection: the CPU of its detect stages is not recorded"):
+        R.detection_section(tmp_path)
+    machine_json(folder / "machine.json")
+    text = "\n".join(R.detection_section(tmp_path))
+    assert text.startswith("## Detection") and "| wanet | clean | 0.3 |" in text
+    assert "target `circle`, poison rate 0.01, detect.k 16, batches of 512" in text

@@ -305,6 +305,31 @@ def targets_collect(trigger: Annotated[Optional[str], typer.Option(help="the tri
     run(lambda: _collect(params, trigger, commits, out), params=None)
 
 
+detection_app = typer.Typer(no_args_is_help=True, help="Keep the detection results of a run (docs/results.md#"
+                            "detection).")
+app.add_typer(detection_app, name="detection")
+
+
+@detection_app.command("collect")
+def detection_collect(metrics: Annotated[Path, typer.Option(help="the run's metrics folder")] = METRICS,
+                      times: Annotated[Path, typer.Option(help="the run's stage records (their CPU)")] = Path("times"),
+                      out: Annotated[Path, typer.Option(help="the folder to write")] = Path("results/detection"),
+                      params: ParamsFile = Path("params.yaml")):
+    """Copy a run's detection results into results/detection/: every score's AUROC per trigger, and where the
+    filter ran, the backdoor trained on the filtered set beside the one trained on every pair.
+
+    The run: a workspace after `dvc repro` with detect stages, or after `dvc exp apply` of an experiment that ran
+    them, e.g. `dvc exp run -S 'attack.triggers=[...]' -S 'detect.filter_triggers=[...]' detect filtered`."""
+    from .detection_results import write
+
+    def work():
+        triggers, seeds = _section(P.AttackParams, "attack", params).triggers, P.read_yaml(params)["seeds"]
+        md = write(metrics, times, params, triggers, seeds, out)
+        typer.echo(md.read_text(), nl=False)
+        typer.echo(f"wrote {out}/: summary.md, summary.json, metrics/, params.yaml, machine.json", err=True)
+    run(work, params=params)
+
+
 @app.command(cls=RegistryHelp)
 def triggers(out: Annotated[Path, typer.Option(help="PNG gallery to write")] = Path("reports/triggers.png"),
              params: ParamsFile = Path("params.yaml")):

@@ -1,6 +1,6 @@
 """docs/results.md and README.md's headline table, generated (`clipshield docs`) from the runs the repository keeps:
-the default run (reports/, metrics/, times/, params.yaml), every profile run under results/<run>/ and the sweeps under
-results/sweeps/. The tables are the reports' own (report.md, comparison.json), never recomputed.
+the default run (reports/, metrics/, times/, params.yaml), every profile run under results/<run>/, the sweeps under
+results/sweeps/, the target panel (results/targets/) and the detection results (results/detection/). The tables are the reports' own (report.md, comparison.json), never recomputed.
 
 The CPU of a run comes from its times/*.json (every stage records it); runs made before the stages did have a
 hand-kept machine.json, `{"cpu": "AMD EPYC (2 cores, AVX-512)"}`: results/<run>/machine.json, results/default/
@@ -247,18 +247,34 @@ def targets_section(root: Path) -> list[str]:
             (root / folder / "summary.md").read_text().strip(), ""]
 
 
+def detection_section(root: Path) -> list[str]:
+    """The kept detection results (`clipshield detection collect`, results/detection/): its tables, CPU and files."""
+    folder = Path("results/detection")
+    if not (root / folder / "summary.md").is_file():
+        return []
+    machine = folder / "machine.json"
+    cpu = hand_kept_cpu(root, machine, f"{folder}: the CPU of its detect stages is not recorded")
+    params = yaml.safe_load((root / folder / "params.yaml").read_text())
+    return ["## Detection", "", f"Backdoor-sample detection on the poisoned set of every trigger of one run (target "
+            f"`{params['attack']['target']}`, poison rate {params['poison']['rate']:g}, detect.k {params['detect']['k']},"
+            f" batches of {params['detect']['batch_size']}; `clipshield detection collect`). CPU: {cpu} "
+            f"({link(machine, machine.name)}). Files: {link(folder / 'summary.md')} · {link(folder / 'summary.json')}"
+            f" · {link(folder / 'params.yaml')}.", "", (root / folder / "summary.md").read_text().strip(), ""]
+
+
 def results_markdown(root: Path) -> str:
     """The text of docs/results.md for the repository at `root`."""
     runs = [default_run(), *committed_runs(root)]
     sweeps = sorted((root / "results" / "sweeps").rglob("*.md"), key=lambda p: (len(p.parts), p))  # folders last
-    targets = targets_section(root)
+    targets, detection = targets_section(root), detection_section(root)
     out = [GENERATED, "", "# Results", "",
            "Every run the repository keeps: the parameters it used, its main table (its report.md's: the same "
            "numbers), the wall time of its stages and the CPU that ran them, its figures; then the parameter "
            "sweeps. A run's report.md has the rest: the state of every model and every stage's time.", "",
            *(f"- [{r.title}](#{anchor(r)})" for r in runs), *(["- [Targets](#targets)"] if targets else []),
+           *(["- [Detection](#detection)"] if detection else []),
            *(["- [Sweeps](#sweeps)"] if sweeps else []), ""]
-    out += [run_section(root, r) for r in runs] + targets
+    out += [run_section(root, r) for r in runs] + targets + detection
     if sweeps:
         out += ["## Sweeps", "", "One parameter against the metrics of some models, collected by `clipshield sweep` "
                 "(`results/sweeps/<param>.md`, `.json`, `.png`).", ""]
