@@ -281,5 +281,13 @@ def test_detection_results_need_scores_and_one_machine(tmp_path):
         write(metrics, times, tmp_path / "params.yaml", ["blended"], [0], tmp_path / "out")
     (times / "detect@wanet.json").write_text(json.dumps({"stage": "detect@wanet", "seconds": 9.0, "cpu": "Intel Xeon",
                                                          "cores": 2, "avx512": True}))
-    with pytest.raises(ValueError, match="name 2 CPUs"):
+    with pytest.raises(ValueError, match="name AMD EPYC .*; Intel Xeon .*; collect the results of one run"):
         write(metrics, times, tmp_path / "params.yaml", ["badnet", "wanet"], [0], tmp_path / "out")
+    with pytest.raises(ValueError, match=r"name AMD EPYC \(2 cores, no AVX-512\), not Intel Xeon; collect"):
+        write(metrics, times, tmp_path / "params.yaml", ["badnet"], [0], tmp_path / "out", cpu="Intel Xeon")
+    for f in times.iterdir():
+        f.unlink()
+    with pytest.raises(ValueError, match="no record of the detect stages names their CPU .* give it, e.g. --cpu"):
+        write(metrics, times, tmp_path / "params.yaml", ["badnet"], [0], tmp_path / "out")
+    write(metrics, times, tmp_path / "params.yaml", ["badnet"], [0], tmp_path / "out", cpu="Intel Xeon (2 cores)")
+    assert json.loads((tmp_path / "out/machine.json").read_text()) == {"cpu": "Intel Xeon (2 cores)"}

@@ -314,6 +314,8 @@ app.add_typer(detection_app, name="detection")
 def detection_collect(metrics: Annotated[Path, typer.Option(help="the run's metrics folder")] = METRICS,
                       times: Annotated[Path, typer.Option(help="the run's stage records (their CPU)")] = Path("times"),
                       out: Annotated[Path, typer.Option(help="the folder to write")] = Path("results/detection"),
+                      cpu: Annotated[Optional[str], typer.Option(help="the CPU that ran the detect stages, where "
+                                                                    "times/ holds no record of them")] = None,
                       params: ParamsFile = Path("params.yaml")):
     """Copy a run's detection results into results/detection/: every score's AUROC per trigger, and where the
     filter ran, the backdoor trained on the filtered set beside the one trained on every pair.
@@ -324,7 +326,7 @@ def detection_collect(metrics: Annotated[Path, typer.Option(help="the run's metr
 
     def work():
         triggers, seeds = _section(P.AttackParams, "attack", params).triggers, P.read_yaml(params)["seeds"]
-        md = write(metrics, times, params, triggers, seeds, out)
+        md = write(metrics, times, params, triggers, seeds, out, cpu)
         typer.echo(md.read_text(), nl=False)
         typer.echo(f"wrote {out}/: summary.md, summary.json, metrics/, params.yaml, machine.json", err=True)
     run(work, params=params)

@@ -68,9 +68,10 @@ def markdown(metrics_dir: Path, triggers: list[str], found: dict[str, dict]) -> 
 
 
 def write(metrics_dir: Path, times_dir: Path, params_file: Path, triggers: list[str], seeds: list[int],
-          out: Path) -> Path:
+          out: Path, cpu: str | None = None) -> Path:
     """out/: metrics/ (the files read), summary.json, summary.md, params.yaml (the run's) and machine.json (the CPU
-    of its detect stages)."""
+    its detect stages recorded, or `cpu` where they recorded none: `dvc exp run --temp` keeps no times/ file that
+    the commit lacks)."""
     from .results_doc import cpu_label
     found = summary(metrics_dir, triggers, seeds)
     if not found:
@@ -78,9 +79,16 @@ def write(metrics_dir: Path, times_dir: Path, params_file: Path, triggers: list[
                          f"stages first (`dvc repro detect`, or `dvc exp apply` an experiment that ran them)")
     records = [json.loads(f.read_text()) for t in found if (f := times_dir / f"detect@{t}.json").is_file()]
     cpus = sorted({cpu_label(r) for r in records if r.get("cpu")})
-    if len(cpus) != 1:
-        raise ValueError(f"{times_dir}: the detect stages' records name {len(cpus)} CPUs ({'; '.join(cpus) or 'none'})"
-                         f"; collect the results of one run on one machine")
+    if not cpus and cpu:
+        cpus = [cpu]
+    if not cpus:
+        raise ValueError(f"{times_dir}: no record of the detect stages names their CPU (an experiment run with --temp "
+                         f"keeps none): give it, e.g. --cpu 'AMD EPYC (2 cores, no AVX-512)' from `lscpu` of the "
+                         f"machine that ran them")
+    if len(cpus) > 1 or (cpu and cpu != cpus[0]):
+        raise ValueError(f"{times_dir}: the detect stages' records name {'; '.join(cpus)}"
+                         f"{f', not {cpu}' if cpu and len(cpus) == 1 else ''}; collect the results of one run on one "
+                         f"machine")
     if out.exists():
         shutil.rmtree(out)
     (out / "metrics").mkdir(parents=True)

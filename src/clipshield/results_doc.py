@@ -259,7 +259,7 @@ def detection_section(root: Path) -> list[str]:
             f"`{params['attack']['target']}`, poison rate {params['poison']['rate']:g}, detect.k {params['detect']['k']},"
             f" batches of {params['detect']['batch_size']}; `clipshield detection collect`). CPU: {cpu} "
             f"({link(machine, machine.name)}). Files: {link(folder / 'summary.md')} · {link(folder / 'summary.json')}"
-            f" · {link(folder / 'params.yaml')}.", "", (root / folder / "summary.md").read_text().strip(), ""]
+            f" · {link(folder / 'params.yaml')} · {link(folder / 'metrics')}/.", "", (root / folder / "summary.md").read_text().strip(), ""]
 
 
 def results_markdown(root: Path) -> str:
