@@ -188,8 +188,9 @@ def key_params(params: dict, run: Run) -> list[tuple[str, str]]:
 
 
 def run_section(root: Path, run: Run) -> str:
-    """One run: its key parameters, CPU and wall time, then report.md's main table, its comparison with the PAR
-    paper, the stages' time by kind and links to its figures."""
+    """One run: its key parameters, CPU and wall time, then report.md's main table, its detection of the poisoned
+    pairs and comparison with the PAR paper (where it has them), the stages' time by kind and links to its
+    figures."""
     check_run(root, run)
     report = (root / run.report / "report.md").read_text()
     sections = report_sections(report)
@@ -211,8 +212,9 @@ def run_section(root: Path, run: Run) -> str:
     where = f"{run.report.as_posix()}/"
     out = [f"## {run.title} ({where})", "", "Files: " + " · ".join(files), "", "| | |", "|---|---|",
            *(f"| {k} | {v} |" for k, v in facts), "", intro[0], "", intro[1], ""]
-    if paper := blocks(sections.get("Against the PAR paper", [])):
-        out += ["### Against the PAR paper", "", *"\n\n".join(paper).splitlines(), ""]
+    for title in ("Detecting the poisoned training pairs", "Against the PAR paper"):
+        if part := blocks(sections.get(title, [])):
+            out += [f"### {title}", "", *"\n\n".join(part).splitlines(), ""]
     out += ["### Where the time went", "", "Wall time of the stages by kind, most first (every stage: report.md's "
             "time table).", "", times_md, "", "### Figures", "", *figures(root, run, report), ""]
     return "\n".join(out)
