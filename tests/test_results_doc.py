@@ -30,6 +30,14 @@ Target class `square`; triggers blended. One training seed.
 
 - **par-blended**: backdoor removed
 
+## Detecting the poisoned training pairs
+
+AUROC of ranking the poisoned pairs first.
+
+| trigger | embeddings of | k-distance AUROC |
+|---|---|---|
+| blended | backdoored model | 0.603 |
+
 ## Against the PAR paper
 
 ASR (%) after cleaning, this run beside the paper's.
@@ -126,7 +134,10 @@ def test_a_run_section_reuses_the_reports_tables_and_links_its_files(tmp_path):
     assert text.startswith(R.GENERATED + "\n")
     main_table = REPORT.split("\n\n")[2]
     paper_table = REPORT.split("## Against the PAR paper\n\n")[1].split("\n\n")[1]
+    detection_table = REPORT.split("## Detecting the poisoned training pairs\n\n")[1].split("\n\n")[1]
     assert main_table in text and paper_table in text
+    detection = "### Detecting the poisoned training pairs\n\nAUROC of ranking the poisoned pairs first.\n\n"
+    assert detection + detection_table in text
     assert "backdoor removed" not in text  # the state of every model stays in report.md
     assert "| triggers | blended |" in text and "| poison rate | 0.01 |" in text
     assert "| hardening | fare from par: 1 runs |" in text
