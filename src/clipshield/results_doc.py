@@ -233,13 +233,21 @@ def sweep_section(root: Path, md: Path) -> str:
                       md.read_text().strip(), ""])
 
 
+def kept_folder(root: Path, name: str, no_cpu: str) -> tuple[Path, Path, str] | None:
+    """results/NAME, its machine.json and the CPU it names, for a folder a `collect` command writes; None without
+    its summary.md."""
+    folder = Path("results") / name
+    if not (root / folder / "summary.md").is_file():
+        return None
+    machine = folder / "machine.json"
+    return folder, machine, hand_kept_cpu(root, machine, f"{folder}: {no_cpu}")
+
+
 def targets_section(root: Path) -> list[str]:
     """The target panel (`clipshield targets run`, results/targets/): its tables as written, the CPU, its files."""
-    folder = Path("results/targets")
-    if not (root / folder / "summary.md").is_file():
+    if (kept := kept_folder(root, "targets", "the panel's CPU is not recorded")) is None:
         return []
-    machine = folder / "machine.json"
-    cpu = hand_kept_cpu(root, machine, f"{folder}: the panel's CPU is not recorded")
+    folder, machine, cpu = kept
     files = [link(folder / f) for f in ("summary.md", "summary.json", "panel.json", "residual_asr.png")
              if (root / folder / f).is_file()]
     return ["## Targets", "", "The attack and every cleaning method with each class of the world as the target, one "
@@ -251,11 +259,9 @@ def targets_section(root: Path) -> list[str]:
 
 def detection_section(root: Path) -> list[str]:
     """The kept detection results (`clipshield detection collect`, results/detection/): its tables, CPU and files."""
-    folder = Path("results/detection")
-    if not (root / folder / "summary.md").is_file():
+    if (kept := kept_folder(root, "detection", "the CPU of its detect stages is not recorded")) is None:
         return []
-    machine = folder / "machine.json"
-    cpu = hand_kept_cpu(root, machine, f"{folder}: the CPU of its detect stages is not recorded")
+    folder, machine, cpu = kept
     params = yaml.safe_load((root / folder / "params.yaml").read_text())
     return ["## Detection", "", f"Backdoor-sample detection on the poisoned set of every trigger of one run (target "
             f"`{params['attack']['target']}`, poison rate {params['poison']['rate']:g}, detect.k {params['detect']['k']},"
