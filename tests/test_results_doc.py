@@ -282,4 +282,15 @@ def test_the_detection_results_get_their_section_with_the_runs_setting_and_cpu(t
     machine_json(folder / "machine.json")
     text = "\n".join(R.detection_section(tmp_path))
     assert text.startswith("## Detection") and "| wanet | clean | 0.3 |" in text
-    assert "target `circle`, poison rate 0.01, detect.k 16, batches of 512" in text
+    assert "### results/detection/" in text
+    assert "target `circle`, poison rate 0.01, detect.k 16, batches of 512; no filter-then-train;" in text
+    other = tmp_path / "results/detection-full"  # a second kept run: a subsection of its own, after the first
+    other.mkdir()
+    (other / "summary.md").write_text("| trigger | embeddings of | k-distance AUROC |\n|---|---|---|\n| badnet | b | 0.9 |\n")
+    (other / "params.yaml").write_text("attack: {target: square}\npoison: {rate: 0.01}\ndetect: {k: 16, batch_size: 512, "
+                                       "filter_triggers: [badnet, wanet], score: dao}\n")
+    machine_json(other / "machine.json")
+    text = "\n".join(R.detection_section(tmp_path))
+    assert text.count("## Detection") == 1 and text.index("### results/detection/") < text.index(
+        "### results/detection-full/") < text.index("| badnet | b | 0.9 |")
+    assert "target `square`, poison rate 0.01, detect.k 16, batches of 512; filter-then-train on badnet, wanet by dao;" in text

@@ -1,6 +1,6 @@
 """docs/results.md and README.md's headline table, generated (`clipshield docs`) from the runs the repository keeps:
 the default run (reports/, metrics/, times/, params.yaml), every profile run under results/<run>/, the sweeps under
-results/sweeps/, the target panel (results/targets/) and the detection results (results/detection/). The tables are the reports' own (report.md, comparison.json), never recomputed.
+results/sweeps/, the target panel (results/targets/) and the detection results (results/detection*/). The tables are the reports' own (report.md, comparison.json), never recomputed.
 
 The CPU of a run comes from its times/*.json (every stage records it); runs made before the stages did have a
 hand-kept machine.json, `{"cpu": "AMD EPYC (2 cores, AVX-512)"}`: results/<run>/machine.json, results/default/
@@ -258,16 +258,23 @@ def targets_section(root: Path) -> list[str]:
 
 
 def detection_section(root: Path) -> list[str]:
-    """The kept detection results (`clipshield detection collect`, results/detection/): its tables, CPU and files."""
-    if (kept := kept_folder(root, "detection", "the CPU of its detect stages is not recorded")) is None:
-        return []
-    folder, machine, cpu = kept
-    params = yaml.safe_load((root / folder / "params.yaml").read_text())
-    return ["## Detection", "", f"Backdoor-sample detection on the poisoned set of every trigger of one run (target "
-            f"`{params['attack']['target']}`, poison rate {params['poison']['rate']:g}, detect.k {params['detect']['k']},"
-            f" batches of {params['detect']['batch_size']}; `clipshield detection collect`). CPU: {cpu} "
-            f"({link(machine, machine.name)}). Files: {link(folder / 'summary.md')} · {link(folder / 'summary.json')}"
-            f" · {link(folder / 'params.yaml')} · {link(folder / 'metrics')}/.", "", (root / folder / "summary.md").read_text().strip(), ""]
+    """The kept detection results (`clipshield detection collect`, results/detection*/), one subsection per folder:
+    its run's setting, tables, CPU and files."""
+    folders = sorted(p.name for p in (root / "results").glob("detection*") if (p / "summary.md").is_file())
+    out = []
+    for name in folders:
+        folder, machine, cpu = kept_folder(root, name, "the CPU of its detect stages is not recorded")
+        params = yaml.safe_load((root / folder / "params.yaml").read_text())
+        detect = params["detect"]
+        filtered = (f"filter-then-train on {', '.join(detect['filter_triggers'])} by {detect['score']}"
+                    if detect.get("filter_triggers") else "no filter-then-train")
+        out += [f"### {folder.as_posix()}/", "", f"Backdoor-sample detection on the poisoned set of every trigger of "
+                f"one run (target `{params['attack']['target']}`, poison rate {params['poison']['rate']:g}, detect.k "
+                f"{detect['k']}, batches of {detect['batch_size']}; {filtered}; `clipshield detection collect`). "
+                f"CPU: {cpu} ({link(machine, machine.name)}). Files: {link(folder / 'summary.md')} · "
+                f"{link(folder / 'summary.json')} · {link(folder / 'params.yaml')} · {link(folder / 'metrics')}/.", "",
+                (root / folder / "summary.md").read_text().strip(), ""]
+    return ["## Detection", "", *out] if out else []
 
 
 def results_markdown(root: Path) -> str:
