@@ -196,6 +196,11 @@ def test_profile_runs_and_sweeps_get_their_sections(tmp_path):
     assert "## Profile `full` (results/full/)" in text
     assert "profile `full` (`clipshield profile full`): [params.yaml](../results/full/params.yaml)" in text
     assert "### `par.eps` (results/sweeps/)" in text and "| a | 1 |" in text
+    assert "Detection scores" not in text  # no score plots kept: no links to them
+    (tmp_path / full / "detect").mkdir()
+    (tmp_path / full / "detect/wanet.png").write_bytes(b"png")
+    assert ("- [Detection scores, poisoned against clean pairs: wanet](../results/full/detect/wanet.png)"
+            in R.results_markdown(tmp_path))
     (tmp_path / "results/sweeps/par.eps.machine.json").unlink()
     with pytest.raises(ValueError, match=r"par.eps.md: the sweep's CPU is not recorded: write "
                                          r"results/sweeps/par.eps.machine.json"):

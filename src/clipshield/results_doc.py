@@ -87,7 +87,8 @@ def blocks(lines: list[str]) -> list[str]:
 
 
 def figures(root: Path, run: Run, report: str) -> list[str]:
-    """Links to the figures report.md shows, in its order."""
+    """Links to the figures report.md shows, in its order, then to the detect stages' score distributions
+    (detect/<trigger>/scores.png) kept in the run's folder as detect/<trigger>.png."""
     out = []
     for alt, name in re.findall(r"^!\[([^\]]*)\]\(([^)]+)\)$", report, flags=re.M):
         path = run.report / name
@@ -95,6 +96,8 @@ def figures(root: Path, run: Run, report: str) -> list[str]:
             raise ValueError(f"{run.report / 'report.md'} shows {name}, which is not in {run.report}/: copy the "
                              f"whole report folder")
         out.append(f"- {link(path, alt)}")
+    for path in sorted((root / run.report / "detect").glob("*.png")):  # kept beside a profile's report by hand
+        out.append(f"- {link(path.relative_to(root), f'Detection scores, poisoned against clean pairs: {path.stem}')}")
     return out
 
 
