@@ -263,10 +263,11 @@ def targets_section(root: Path) -> list[str]:
 def detection_section(root: Path) -> list[str]:
     """The kept detection results (`clipshield detection collect`, results/detection*/), one subsection per folder:
     its run's setting, tables, CPU and files."""
-    folders = sorted(p.name for p in (root / "results").glob("detection*") if (p / "summary.md").is_file())
     out = []
-    for name in folders:
-        folder, machine, cpu = kept_folder(root, name, "the CPU of its detect stages is not recorded")
+    for name in sorted(p.name for p in (root / "results").glob("detection*")):
+        if (kept := kept_folder(root, name, "the CPU of its detect stages is not recorded")) is None:
+            continue
+        folder, machine, cpu = kept
         params = yaml.safe_load((root / folder / "params.yaml").read_text())
         detect = params["detect"]
         filtered = (f"filter-then-train on {', '.join(detect['filter_triggers'])} by {detect['score']}"
