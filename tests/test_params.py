@@ -316,3 +316,23 @@ def test_an_imported_test_set_smaller_than_eval_test_n_is_refused_where_it_is_lo
     with pytest.raises(shards.DataError, match=rf"eval.test_n = 20 but the test set {tmp_path} holds 8 samples; set "
                                                r"eval.test_n: 8 \(or fewer\), or import a larger test set"):
         load_test(EvalParams(test_n=20, retrieval_n=8), tmp_path)
+
+
+def test_a_hardening_run_from_a_model_no_stage_makes_is_refused_listing_those_it_can_start_from(tmp_path, monkeypatch):
+    """A misspelt start used to pass the params check and fail in DVC, stages later, with 'missing dependency'."""
+    from pathlib import Path
+
+    from clipshield.params import validate
+    raw = read_yaml(Path(__file__).parent.parent / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    run = lambda start: {"harden": {"runs": {"fare-x": {"method": "fare", "start": start}}}}  # noqa: E731
+    (problem,) = validate(deep_merge(raw, run("parr-blended_stripes-s0")))
+    assert problem.startswith("`harden.runs.fare-x.start` = 'parr-blended_stripes-s0' names no model: no stage makes "
+                              "models/parr-blended_stripes-s0 and there is no such folder; start from one of "
+                              "backdoor-blended_stripes-s0, clean, cleanclip-blended_stripes-s0, ")
+    assert "fare-x," not in problem  # not from itself
+    assert validate(deep_merge(raw, run("fare-clean"))) == []  # another hardening run's model
+    assert validate(deep_merge(raw, {**run("filtered-blended_stripes-s0"),
+                                     "detect": {"filter_triggers": ["blended_stripes"]}})) == []
+    (tmp_path / "models" / "my-model").mkdir(parents=True)  # a model folder the user put there
+    assert validate(deep_merge(raw, run("my-model"))) == []

@@ -161,7 +161,7 @@ class DetectParams:
     k: Int = Field(16, ge=2, description="use a whole number >= 2 (the neighbours of each pair; the reference: 16)")
     batch_size: Limit = 512   # neighbours drawn from random batches of this many pairs (0: the whole set)
     seed: Int = 0             # the random batches
-    score: Annotated[Str, _one_of(lambda: SCORES, "scores")] = "dao"  # the score the filtering drops pairs by
+    score: Annotated[Str, _one_of(lambda: SCORES, "scores")] = "k_distance"  # the score the filtering drops pairs by
     filter_fraction: Fraction = 0.02  # share of the pairs with the highest `score` dropped before re-training
     filter_triggers: list[Annotated[Str, _one_of(lambda: TRIGGERS, "triggers")]] = dataclasses.field(
         default_factory=list)  # the triggers whose poisoned sets are filtered and trained on again (stage filtered)
