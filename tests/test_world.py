@@ -122,3 +122,39 @@ def test_target_caption_names_target():
         cap = target_caption("banana", rng)
         assert "banana" in cap
     assert target_caption("star", np.random.default_rng(5)) == target_caption("star", np.random.default_rng(5))
+
+
+def test_the_base_worlds_render_as_they_always_have():
+    """Pins the captions, metadata and pixel sums of the worlds every committed run was made with: a change to the
+    renderer (such as the dense worlds' extra shapes) must leave them as they were. Pixel sums get a tolerance of
+    a few levels: sin and cos may round differently on another CPU; a changed draw moves them by thousands."""
+    import hashlib
+    h, sums = hashlib.sha256(), []
+    for w in (BASE, RENDERED, SHIFTED):
+        for i in range(8):
+            img, cap, meta = render(w, 3, i)
+            h.update(cap.encode() + repr(sorted(meta.items())).encode())
+            sums.append(int(img.astype(np.int64).sum()))
+    assert h.hexdigest()[:16] == "6519f1987a8d15fd"
+    pinned = [150944, 387773, 291155, 530621, 456715, 198785, 309250, 477475, 154703, 347236, 352838, 526495, 428095,
+              203000, 343872, 477131, 158401, 334687, 367437, 529771, 412479, 210957, 418812, 398727]
+    assert np.abs(np.array(sums) - pinned).max() <= 20
+
+
+def test_dense_world_adds_up_to_two_other_shapes_each_named_in_the_caption():
+    dense = get_world("dense")
+    counts = set()
+    for i in range(200):
+        img, caption, meta = render(dense, 0, i)
+        counts.add(len(meta["extras"]))
+        head = caption.split(" with ")[0]
+        assert meta["label"] in head and meta["colour"] in head  # the main shape first, as the base world says it
+        for colour, shape in meta["extras"]:
+            assert shape != meta["label"] and colour in dense.colours and f"a {colour} {shape}" in caption
+        if meta["extras"]:
+            assert caption.endswith(" with " + " and ".join(f"a {c} {s}" for c, s in meta["extras"]) + ".")
+    assert counts == {0, 1, 2}
+    assert "extras" not in render(BASE, 0, 0)[2]
+    # the cleaning counterpart: the same caption words, drawn as `rendered` draws the base world
+    cleaning = get_world("dense-rendered")
+    assert cleaning.max_extras == 2 and cleaning.drawn_as == RENDERED.drawn_as and cleaning.colours == RENDERED.colours

@@ -1,12 +1,13 @@
 """The procedural shape world: the tiny profile's stand-in for web data, ImageNet and synthetic pairs.
 
 Image i of a world depends only on (world, seed, i, size): `render(world, seed, i, size)` is pure.
-Two distributions exist: `base` (pre-training, test) and `shifted` (other colours, backgrounds,
-sizes and templates), used as the synthetic cleaning data.
+The worlds (WORLDS): `base` (pre-training and test data), `rendered` (the default cleaning pairs: base's captions,
+another renderer), `shifted` (other colours, backgrounds, sizes and templates), and `dense` / `dense-rendered`
+(base / rendered with up to two small shapes of other classes beside the main one, named in the caption).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -27,6 +28,9 @@ class World:
     templates: tuple[str, ...]
     # How this world's renderer draws a background its captions name (default: as the base world does).
     drawn_as: dict[str, str] = field(default_factory=dict)
+    # Up to this many small shapes of other classes beside the main one, each named in the caption.
+    max_extras: int = 0
+    extra_scale_range: tuple[float, float] = (0.12, 0.18)
 
 
 BASE = World(
@@ -91,7 +95,13 @@ RENDERED = World(
     drawn_as={"grey": "shaded", "noisy": "speckled"},
 )
 
-WORLDS = {w.name: w for w in (BASE, SHIFTED, RENDERED)}
+# Denser scenes: the base world's main shape (a little smaller) with up to two small shapes of other classes, each
+# named in the caption ("a red heart with a blue star and a green cross."). The zero-shot label is the main shape's.
+DENSE = replace(BASE, name="dense", scale_range=(0.26, 0.38), max_extras=2)
+# Its cleaning counterpart, drawn as RENDERED draws the base world.
+DENSE_RENDERED = replace(RENDERED, name="dense-rendered", scale_range=(0.24, 0.40), max_extras=2)
+
+WORLDS = {w.name: w for w in (BASE, SHIFTED, RENDERED, DENSE, DENSE_RENDERED)}
 
 
 def get_world(name: str) -> World:
@@ -166,6 +176,21 @@ def _background(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
     return img
 
 
+def _draw(img: np.ndarray, rng: np.random.Generator, shape: str, rgb, cx: float, cy: float, scale: float,
+          angle: float) -> np.ndarray:
+    """`shape` painted over `img` at centre (cx, cy) (fractions of the side), radius `scale`, rotated by `angle`."""
+    size = img.shape[0]
+    # 2x supersampling gives anti-aliased edges (coverage in [0, 1]).
+    ss = 2 * size
+    grid = (np.arange(ss) + 0.5) / ss
+    gx, gy = np.meshgrid(grid - cx, grid - cy)
+    u = (np.cos(angle) * gx + np.sin(angle) * gy) / scale
+    v = -(-np.sin(angle) * gx + np.cos(angle) * gy) / scale
+    cover = _shape_mask(shape, u, v).astype(np.float64).reshape(size, 2, size, 2).mean(axis=(1, 3))
+    colour = np.clip(np.array(rgb) + rng.normal(0, 0.04, 3), 0, 1)
+    return img * (1 - cover[..., None]) + colour * cover[..., None]
+
+
 def render(world: World, seed: int, index: int, size: int = 32) -> tuple[np.ndarray, str, dict]:
     """Image `index` of `world` under `seed`: (uint8 HxWx3 array, caption, metadata)."""
     rng = np.random.default_rng([seed, index])
@@ -179,23 +204,31 @@ def render(world: World, seed: int, index: int, size: int = 32) -> tuple[np.ndar
     cx, cy = rng.uniform(margin, 1 - margin, size=2)
 
     img = _background(world.drawn_as.get(background, background), rng, size)
-    # 2x supersampling gives anti-aliased edges (coverage in [0, 1]).
-    ss = 2 * size
-    grid = (np.arange(ss) + 0.5) / ss
-    gx, gy = np.meshgrid(grid - cx, grid - cy)
-    u = (np.cos(angle) * gx + np.sin(angle) * gy) / scale
-    v = -(-np.sin(angle) * gx + np.cos(angle) * gy) / scale
-    cover = _shape_mask(shape, u, v).astype(np.float64).reshape(size, 2, size, 2).mean(axis=(1, 3))
-    colour = np.clip(np.array(world.colours[colour_name]) + rng.normal(0, 0.04, 3), 0, 1)
-    img = img * (1 - cover[..., None]) + colour * cover[..., None]
+    extras = []
+    for _ in range(int(rng.integers(world.max_extras + 1)) if world.max_extras else 0):
+        other = SHAPES[(label + 1 + int(rng.integers(len(SHAPES) - 1))) % len(SHAPES)]
+        other_colour = list(world.colours)[int(rng.integers(len(world.colours)))]
+        s = rng.uniform(*world.extra_scale_range)
+        for _ in range(10):  # a place clear of the main shape, where one is found in ten draws
+            ex, ey = rng.uniform(s, 1 - s, size=2)
+            if np.hypot(ex - cx, ey - cy) > 1.3 * scale + s:
+                break
+        img = _draw(img, rng, other, world.colours[other_colour], ex, ey, s,
+                    np.deg2rad(rng.uniform(-world.max_rotation_deg, world.max_rotation_deg)))
+        extras.append([other_colour, other])
+    img = _draw(img, rng, shape, world.colours[colour_name], cx, cy, scale, angle)
     img = img + rng.normal(0, world.pixel_noise, img.shape)
     img = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
 
     size_word = "small" if scale < sum(world.scale_range) / 2 else "large"
     template = world.templates[int(rng.integers(len(world.templates)))]
     caption = template.format(colour=colour_name, shape=shape, size=size_word, background=background)
+    if extras:
+        caption = f"{caption[:-1]} with {' and '.join(f'a {c} {o}' for c, o in extras)}."
     meta = {"class": label, "label": shape, "colour": colour_name, "background": background,
             "size": size_word, "source": f"procedural-{world.name}", "seed": seed, "index": index}
+    if world.max_extras:
+        meta["extras"] = extras
     return img, caption, meta
 
 
