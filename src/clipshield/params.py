@@ -66,13 +66,13 @@ def harden_runs(params: dict) -> dict[str, dict]:
     return runs
 
 
-def made_models(params, harden: dict) -> set[str]:
+def made_models(params, hardening_runs: dict) -> set[str]:
     """The folders under models/ that the pipeline's stages make with these params: the clean model, a backdoor and
     every cleaning method's model per trigger and seed, the filtered re-trainings, and the hardening runs."""
     a, seeds = params.attack, params.seeds
     kinds = {t: ["backdoor", *params.clean.methods, *(["filtered"] if t in params.detect.filter_triggers else [])]
              for t in a.triggers}
-    return {"clean", *harden, *(run_name(k, t, s) for t, ks in kinds.items() for k in ks for s in seeds)}
+    return {"clean", *hardening_runs, *(run_name(k, t, s) for t, ks in kinds.items() for k in ks for s in seeds)}
 
 
 class _Params(BaseModel):
@@ -153,8 +153,9 @@ class _Params(BaseModel):
             made = made_models(self, runs)
             starts = {name: runs[name]["start"] for name in self.harden.runs or {}}
             bad += [f"`harden.runs.{name}.start` = {start!r} names no model: no stage makes models/{start} and there "
-                    f"is no such folder; start from one of {', '.join(sorted(made - {name}))} (or put a model folder there)"
-                    for name, start in starts.items() if start not in made and not (Path("models") / start).is_dir()]
+                    f"is no such folder; start from one of {', '.join(sorted(made - {name}))} (or put a model "
+                    f"folder there)" for name, start in starts.items()
+                    if start not in made and not (Path("models") / start).is_dir()]
         users = [f"{s}.data" for s in ("clean", "harden") if getattr(self, s).data.rstrip("/") == SYNTH_DIR]
         if users and self.synth.image_size != d.image_size and side in (None, d.image_size):
             bad.append(f"`synth.image_size` = {self.synth.image_size} is not allowed; {' and '.join(users)} train the "
