@@ -66,15 +66,6 @@ def harden_runs(params: dict) -> dict[str, dict]:
     return runs
 
 
-def made_models(params, hardening_runs: dict) -> set[str]:
-    """The folders under models/ that the pipeline's stages make with these params: the clean model, a backdoor and
-    every cleaning method's model per trigger and seed, the filtered re-trainings, and the hardening runs."""
-    a, seeds = params.attack, params.seeds
-    kinds = {t: ["backdoor", *params.clean.methods, *(["filtered"] if t in params.detect.filter_triggers else [])]
-             for t in a.triggers}
-    return {"clean", *hardening_runs, *(run_name(k, t, s) for t, ks in kinds.items() for k in ks for s in seeds)}
-
-
 class _Params(BaseModel):
     """The whole params.yaml: its sections and nothing else, then the rules across sections."""
     model_config = FORBID
@@ -146,11 +137,13 @@ class _Params(BaseModel):
             bad.append(f"`harden.matrix.starts` = {unmade} is not allowed; no stage makes those models: add "
                        f"{', '.join(unmade)} to clean.methods or remove them from harden.matrix.starts")
         try:
-            runs = harden_runs({"harden": vars(self.harden), "attack": vars(a), "seeds": self.seeds})
+            sections = {s: vars(getattr(self, s)) for s in ("harden", "attack", "clean", "detect")}
+            runs = harden_runs({**sections, "seeds": self.seeds})
         except ParamsError as e:
             bad.append(str(e))
         else:
-            made = made_models(self, runs)
+            from .registry import final_models  # the registry reads params (run names): imported here, not above
+            made = set(final_models({**sections, "seeds": self.seeds}, "models"))
             starts = {name: runs[name]["start"] for name in self.harden.runs or {}}
             bad += [f"`harden.runs.{name}.start` = {start!r} names no model: no stage makes models/{start} and there "
                     f"is no such folder; start from one of {', '.join(sorted(made - {name}))} (or put a model "

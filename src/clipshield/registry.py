@@ -18,7 +18,9 @@ MARKER = "# Model registry: generated from params.yaml by `clipshield registry` 
 
 
 def final_models(params: dict, models: str) -> dict[str, dict]:
-    """name -> artifact entry for every model the pipeline writes under these params into folder `models`."""
+    """name -> artifact entry for every model the pipeline's stages write under these params into folder `models`:
+    the clean model, per trigger and seed the backdoor, every cleaning method's model and the filtered re-training
+    (detect.filter_triggers), then the hardening runs."""
     triggers, seeds = params["attack"]["triggers"], params["seeds"]
     out = {"clean": {"path": f"{models}/clean", "type": "model", "desc": "CLIP pre-trained on clean data",
                      "labels": ["attack:none", "defence:none"]}}
@@ -34,6 +36,13 @@ def final_models(params: dict, models: str) -> dict[str, dict]:
                     "path": f"{models}/{run_name(m, t, s)}", "type": "model",
                     "desc": f"{backdoor} cleaned with {m} on synthetic pairs",
                     "labels": ["attack:backdoor", f"trigger:{t}", f"defence:{m}", f"seed:{s}"]}
+            if t in (params.get("detect") or {}).get("filter_triggers") or []:
+                filtered = run_name("filtered", t, s)
+                out[filtered] = {
+                    "path": f"{models}/{filtered}", "type": "model",
+                    "desc": f"clean model trained as {backdoor}, on the poisoned set without the pairs detection "
+                            f"scored highest",
+                    "labels": ["attack:backdoor", f"trigger:{t}", "defence:filter", f"seed:{s}"]}
     for run, spec in harden_runs(params).items():
         start = out.get(spec["start"], {"labels": []})
         trigger = [label for label in start["labels"] if label.startswith(("attack:", "trigger:", "seed:"))]
