@@ -32,7 +32,6 @@ def test_names_labels_and_harden_lineage_by_hand():
     assert "eps 2/255" in models["fare2-par-badnet-s1"]["desc"]
 
 
-
 def test_a_filtered_retraining_is_a_model_of_the_registry_only_for_the_triggers_filtered():
     params = read_yaml(ROOT / "params.yaml")
     params["attack"]["triggers"] = ["badnet", "wanet"]
@@ -41,6 +40,7 @@ def test_a_filtered_retraining_is_a_model_of_the_registry_only_for_the_triggers_
     assert "filtered-wanet-s0" in models and "filtered-badnet-s0" not in models
     assert models["filtered-wanet-s0"]["labels"] == ["attack:backdoor", "trigger:wanet", "defence:filter", "seed:0"]
     assert models["filtered-wanet-s0"]["path"] == "models/filtered-wanet-s0"
+
 
 def test_sync_rewrites_only_the_generated_block(tmp_path):
     params = read_yaml(ROOT / "params.yaml")
