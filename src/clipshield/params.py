@@ -66,6 +66,44 @@ def harden_runs(params: dict) -> dict[str, dict]:
     return runs
 
 
+def final_models(params: dict, models: str) -> dict[str, dict]:
+    """name -> model-registry entry (dvc.yaml `artifacts:`) for every model the pipeline's stages write under
+    these params into folder `models`: the clean model, per trigger and seed the backdoor, every cleaning method's
+    model and the filtered re-training (detect.filter_triggers), then the hardening runs."""
+    triggers, seeds = params["attack"]["triggers"], params["seeds"]
+    out = {"clean": {"path": f"{models}/clean", "type": "model", "desc": "CLIP pre-trained on clean data",
+                     "labels": ["attack:none", "defence:none"]}}
+    for t in triggers:
+        for s in seeds:
+            backdoor = run_name("backdoor", t, s)
+            out[backdoor] = {
+                "path": f"{models}/{backdoor}", "type": "model",
+                "desc": f"clean model backdoored with the {t} trigger (target {params['attack']['target']}, seed {s})",
+                "labels": ["attack:backdoor", f"trigger:{t}", "defence:none", f"seed:{s}"]}
+            for m in params["clean"]["methods"]:
+                out[run_name(m, t, s)] = {
+                    "path": f"{models}/{run_name(m, t, s)}", "type": "model",
+                    "desc": f"{backdoor} cleaned with {m} on synthetic pairs",
+                    "labels": ["attack:backdoor", f"trigger:{t}", f"defence:{m}", f"seed:{s}"]}
+            if t in (params.get("detect") or {}).get("filter_triggers") or []:
+                filtered = run_name("filtered", t, s)
+                out[filtered] = {
+                    "path": f"{models}/{filtered}", "type": "model",
+                    "desc": f"clean model trained as {backdoor}, on the poisoned set without the pairs detection "
+                            f"scored highest",
+                    "labels": ["attack:backdoor", f"trigger:{t}", "defence:filter", f"seed:{s}"]}
+    for run, spec in harden_runs(params).items():
+        start = out.get(spec["start"], {"labels": []})
+        trigger = [label for label in start["labels"] if label.startswith(("attack:", "trigger:", "seed:"))]
+        before = [label.split(":", 1)[1] for label in start["labels"] if label.startswith("defence:")]
+        defence = "+".join([d for d in before if d != "none"] + [spec["method"]])
+        eps = spec.get("eps", (params.get(spec["method"]) or {}).get("eps", 4))
+        out[run] = {"path": f"{models}/{run}", "type": "model",
+                    "desc": f"{spec['start']} adversarially fine-tuned with {spec['method']} (eps {eps:g}/255)",
+                    "labels": (trigger or ["attack:none"]) + [f"defence:{defence}"]}
+    return out
+
+
 class _Params(BaseModel):
     """The whole params.yaml: its sections and nothing else, then the rules across sections."""
     model_config = FORBID
@@ -142,7 +180,6 @@ class _Params(BaseModel):
         except ParamsError as e:
             bad.append(str(e))
         else:
-            from .registry import final_models  # the registry reads params (run names): imported here, not above
             made = set(final_models({**sections, "seeds": self.seeds}, "models"))
             starts = {name: runs[name]["start"] for name in self.harden.runs or {}}
             bad += [f"`harden.runs.{name}.start` = {start!r} names no model: no stage makes models/{start} and there "

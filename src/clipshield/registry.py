@@ -11,48 +11,10 @@ from pathlib import Path
 import yaml
 
 from .errors import RemoteError
-from .params import harden_runs, read_yaml, run_name
+from .params import final_models, read_yaml
 
 
 MARKER = "# Model registry: generated from params.yaml by `clipshield registry` (do not edit by hand)."
-
-
-def final_models(params: dict, models: str) -> dict[str, dict]:
-    """name -> artifact entry for every model the pipeline's stages write under these params into folder `models`:
-    the clean model, per trigger and seed the backdoor, every cleaning method's model and the filtered re-training
-    (detect.filter_triggers), then the hardening runs."""
-    triggers, seeds = params["attack"]["triggers"], params["seeds"]
-    out = {"clean": {"path": f"{models}/clean", "type": "model", "desc": "CLIP pre-trained on clean data",
-                     "labels": ["attack:none", "defence:none"]}}
-    for t in triggers:
-        for s in seeds:
-            backdoor = run_name("backdoor", t, s)
-            out[backdoor] = {
-                "path": f"{models}/{backdoor}", "type": "model",
-                "desc": f"clean model backdoored with the {t} trigger (target {params['attack']['target']}, seed {s})",
-                "labels": ["attack:backdoor", f"trigger:{t}", "defence:none", f"seed:{s}"]}
-            for m in params["clean"]["methods"]:
-                out[run_name(m, t, s)] = {
-                    "path": f"{models}/{run_name(m, t, s)}", "type": "model",
-                    "desc": f"{backdoor} cleaned with {m} on synthetic pairs",
-                    "labels": ["attack:backdoor", f"trigger:{t}", f"defence:{m}", f"seed:{s}"]}
-            if t in (params.get("detect") or {}).get("filter_triggers") or []:
-                filtered = run_name("filtered", t, s)
-                out[filtered] = {
-                    "path": f"{models}/{filtered}", "type": "model",
-                    "desc": f"clean model trained as {backdoor}, on the poisoned set without the pairs detection "
-                            f"scored highest",
-                    "labels": ["attack:backdoor", f"trigger:{t}", "defence:filter", f"seed:{s}"]}
-    for run, spec in harden_runs(params).items():
-        start = out.get(spec["start"], {"labels": []})
-        trigger = [label for label in start["labels"] if label.startswith(("attack:", "trigger:", "seed:"))]
-        before = [label.split(":", 1)[1] for label in start["labels"] if label.startswith("defence:")]
-        defence = "+".join([d for d in before if d != "none"] + [spec["method"]])
-        eps = spec.get("eps", (params.get(spec["method"]) or {}).get("eps", 4))
-        out[run] = {"path": f"{models}/{run}", "type": "model",
-                    "desc": f"{spec['start']} adversarially fine-tuned with {spec['method']} (eps {eps:g}/255)",
-                    "labels": (trigger or ["attack:none"]) + [f"defence:{defence}"]}
-    return out
 
 
 def artifacts_block(params: dict, models: str) -> str:
