@@ -85,7 +85,7 @@ def final_models(params: dict, models: str) -> dict[str, dict]:
                     "path": f"{models}/{run_name(m, t, s)}", "type": "model",
                     "desc": f"{backdoor} cleaned with {m} on synthetic pairs",
                     "labels": ["attack:backdoor", f"trigger:{t}", f"defence:{m}", f"seed:{s}"]}
-            if t in (params.get("detect") or {}).get("filter_triggers") or []:
+            if t in params["detect"]["filter_triggers"]:
                 filtered = run_name("filtered", t, s)
                 out[filtered] = {
                     "path": f"{models}/{filtered}", "type": "model",
@@ -175,13 +175,12 @@ class _Params(BaseModel):
             bad.append(f"`harden.matrix.starts` = {unmade} is not allowed; no stage makes those models: add "
                        f"{', '.join(unmade)} to clean.methods or remove them from harden.matrix.starts")
         try:
-            sections = {s: vars(getattr(self, s)) for s in ("harden", "attack", "clean", "detect")}
-            runs = harden_runs({**sections, "seeds": self.seeds})
-        except ParamsError as e:
+            made = set(final_models({**{s: vars(getattr(self, s)) for s in ("harden", "attack", "clean", "detect")},
+                                     "seeds": self.seeds}, "models"))
+        except ParamsError as e:  # a hardening run given twice
             bad.append(str(e))
         else:
-            made = set(final_models({**sections, "seeds": self.seeds}, "models"))
-            starts = {name: runs[name]["start"] for name in self.harden.runs or {}}
+            starts = {name: spec["start"] for name, spec in (self.harden.runs or {}).items()}
             bad += [f"`harden.runs.{name}.start` = {start!r} names no model: no stage makes models/{start} and there "
                     f"is no such folder; start from one of {', '.join(sorted(made - {name}))} (or put a model "
                     f"folder there)" for name, start in starts.items()
